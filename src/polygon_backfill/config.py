@@ -1,0 +1,158 @@
+"""Settings from the environment and ``.env`` (pydantic-settings), validated at start-up.
+
+Every field is one environment variable of the same name in upper case (``TICKERS``,
+``PARALLEL_BACKFILL``...). ``load_settings`` turns any invalid value into one
+``ConfigError`` line naming the variable, so a typo never starts a half-working daemon.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.triggers.cron import CronTrigger
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from polygon_backfill.errors import ConfigError
+from polygon_backfill.models import Timeframe, validate_ticker
+
+DEFAULT_BASE_URL = "https://api.polygon.io"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told. Defaults give a small, sensible universe."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8",
+                                      extra="ignore", case_sensitive=False)
+
+    polygon_api_key: SecretStr = SecretStr("")
+    polygon_base_url: str = DEFAULT_BASE_URL
+    database_url: SecretStr | None = None
+    embedded_pg_dir: Path = Path("data/postgres")
+
+    tickers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["AAPL", "MSFT", "SPY", "X:BTCUSD"])
+    timeframes: Annotated[list[Timeframe], NoDecode] = Field(
+        default_factory=lambda: [Timeframe.parse("1h"), Timeframe.parse("1d")])
+    backfill_start: date | None = None
+    backfill_days: int = Field(default=30, ge=1)
+    adjusted: bool = True
+    trailing_window_days: float = Field(default=3.0, ge=0)
+
+    parallel_backfill: bool = True
+    max_concurrent_symbols: int = Field(default=3, ge=1, le=100)
+    stagger_seconds: float = Field(default=5.0, ge=0)
+    group_pause_seconds: float = Field(default=10.0, ge=0)
+
+    schedule_cron: str = "*/30 * * * *"
+    schedule_timezone: str = "America/New_York"
+    run_on_start: bool = True
+
+    http_timeout_seconds: float = Field(default=30.0, gt=0)
+    retry_attempts: int = Field(default=5, ge=1, le=20)
+    retry_max_wait_seconds: float = Field(default=300.0, gt=0)
+    page_limit: int = Field(default=50_000, ge=1, le=50_000)
+    max_pages: int = Field(default=10_000, ge=1)
+    shutdown_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    log_file: Path = Path("logs/app.log")
+    log_level: str = "INFO"
+
+    @field_validator("tickers", mode="before")
+    @classmethod
+    def _parse_tickers(cls, value: Any) -> Any:
+        tickers = _split_csv(value)
+        if isinstance(tickers, list):
+            bad = []
+            for ticker in tickers:
+                try:
+                    validate_ticker(ticker)
+                except ValueError:
+                    bad.append(repr(ticker))
+            if bad:
+                raise ValueError(f"invalid ticker(s) {', '.join(bad)}: a ticker may hold "
+                                 "letters, digits, '.', '-' and an X:/C:/I: prefix")
+            if not tickers:
+                raise ValueError("no tickers given")
+        return tickers
+
+    @field_validator("timeframes", mode="before")
+    @classmethod
+    def _parse_timeframes(cls, value: Any) -> Any:
+        items = _split_csv(value)
+        if isinstance(items, list):
+            parsed = [item if isinstance(item, Timeframe) else Timeframe.parse(item)
+                      for item in items]
+            if not parsed:
+                raise ValueError("no timeframes given")
+            return list(dict.fromkeys(parsed))
+        return items
+
+    @field_validator("polygon_base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("schedule_timezone")
+    @classmethod
+    def _check_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"{value!r} is not one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    def model_post_init(self, context: Any, /) -> None:
+        try:
+            CronTrigger.from_crontab(self.schedule_cron, timezone=ZoneInfo(self.schedule_timezone))
+        except ValueError as exc:
+            raise ConfigError(f"SCHEDULE_CRON: {self.schedule_cron!r} is not a valid "
+                              f"crontab expression ({exc})") from exc
+
+    def backfill_start_time(self, now: datetime) -> datetime:
+        """The earliest moment to keep, as aware UTC."""
+        if self.backfill_start is not None:
+            start = self.backfill_start
+            return datetime(start.year, start.month, start.day, tzinfo=UTC)
+        return now - timedelta(days=self.backfill_days)
+
+    def secrets(self) -> list[str]:
+        """Values that must never reach a log line or an error message."""
+        found = [self.polygon_api_key.get_secret_value()]
+        if self.database_url is not None:
+            from urllib.parse import urlsplit
+
+            password = urlsplit(self.database_url.get_secret_value()).password
+            if password:
+                found.append(password)
+        return [secret for secret in found if secret]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning validation failures into one ConfigError naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{field.upper()}: {message}") from None
