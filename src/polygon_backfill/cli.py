@@ -1,0 +1,196 @@
+"""``polygon-backfill run | once | status | sandbox``: the command line.
+
+Exit codes: 0 success, 1 some tickers failed, 2 invalid configuration, 3 API key rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import structlog
+from rich.console import Console
+from rich.table import Table
+
+from polygon_backfill.config import DEFAULT_BASE_URL, Settings, load_settings
+from polygon_backfill.errors import AuthenticationError, ConfigError
+from polygon_backfill.logging import configure_logging
+from polygon_backfill.sandbox import SandboxConfig, SandboxServer, run_sandbox
+from polygon_backfill.scheduler import AutoBackfillScheduler
+from polygon_backfill.storage import open_database
+from polygon_backfill.summary import PairOutcome
+
+log = structlog.get_logger(__name__)
+console = Console()
+
+SANDBOX_API_KEY = "sandbox-key"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polygon-backfill", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def backfill_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--tickers", help="comma-separated, overrides TICKERS")
+        command.add_argument("--timeframes", help="e.g. 1m,5m,1h,1d; overrides TIMEFRAMES")
+        command.add_argument("--start", help="YYYY-MM-DD; overrides BACKFILL_START")
+        command.add_argument("--days", type=int, help="days back; overrides BACKFILL_DAYS")
+        command.add_argument("--base-url", help="overrides POLYGON_BASE_URL")
+        mode = command.add_mutually_exclusive_group()
+        mode.add_argument("--parallel", dest="parallel_backfill", action="store_const",
+                          const=True, help="staggered groups (PARALLEL_BACKFILL=true)")
+        mode.add_argument("--sequential", dest="parallel_backfill", action="store_const",
+                          const=False, help="one ticker at a time (PARALLEL_BACKFILL=false)")
+        command.add_argument("--with-sandbox", action="store_true",
+                             help="start the local Polygon-compatible sandbox and use it")
+        command.add_argument("--sandbox-data", type=Path,
+                             help="CSV directory the --with-sandbox server serves")
+
+    backfill_options(commands.add_parser("once", help="one backfill pass now, then exit"))
+    backfill_options(commands.add_parser("run", help="the daemon: passes on the cron schedule"))
+    commands.add_parser("status", help="bars, first, last and last result per pair")
+
+    sandbox = commands.add_parser("sandbox", help="serve a local Polygon-compatible API")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8010)
+    sandbox.add_argument("--data-dir", type=Path, help="CSV files {TICKER}.{timespan}.csv")
+    sandbox.add_argument("--no-synthetic", action="store_true",
+                         help="answer empty for tickers not in --data-dir")
+    sandbox.add_argument("--rate-limit", help="N/SECONDS, e.g. 5/60 (Polygon's free plan)")
+    sandbox.add_argument("--latency-ms", type=float, default=0.0)
+    sandbox.add_argument("--api-key", help="require this key")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    given = {"tickers": args.tickers, "timeframes": args.timeframes,
+             "backfill_start": args.start, "backfill_days": args.days,
+             "polygon_base_url": args.base_url, "parallel_backfill": args.parallel_backfill}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    settings = load_settings(**_overrides(args))
+    if args.with_sandbox and not settings.polygon_api_key.get_secret_value():
+        settings = load_settings(**(_overrides(args) | {"polygon_api_key": SANDBOX_API_KEY}))
+    if (not settings.polygon_api_key.get_secret_value()
+            and settings.polygon_base_url == DEFAULT_BASE_URL):
+        raise ConfigError("POLYGON_API_KEY: not set (put it in the environment or .env)")
+    return settings
+
+
+class _PrintedProgress:
+    """One line per finished (ticker, timeframe): readable in a terminal and in journald."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.done = 0
+
+    def planned(self, pairs: int) -> None:
+        self.total = pairs
+
+    def pair_done(self, outcome: PairOutcome) -> None:
+        self.done += 1
+        state = (f"[green]ok[/] {outcome.inserted} new, {outcome.updated} changed"
+                 if outcome.ok else f"[red]failed[/] {outcome.error}")
+        console.print(f"[{self.done}/{self.total}] {outcome.ticker} {outcome.timeframe}: {state}",
+                      highlight=False)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title="Backfill summary")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key in ("bars_written", "bars_inserted", "bars_updated", "bars_rejected", "requests",
+                "rate_limited", "api_seconds", "db_seconds", "total_seconds"):
+        table.add_row(key, str(summary[key]))
+    table.add_row("tickers ok", ", ".join(summary["tickers_ok"]) or "-")
+    for ticker, error in summary["tickers_failed"].items():
+        table.add_row(f"[red]{ticker} failed[/]", error)
+    console.print(table)
+
+
+async def _backfill(args: argparse.Namespace, settings: Settings, *, daemon: bool) -> int:
+    async with AsyncExitStack() as stack:
+        if args.with_sandbox:
+            server = SandboxServer(SandboxConfig(data_dir=args.sandbox_data))
+            await stack.enter_async_context(server)
+            settings = load_settings(**(settings.model_dump() | {"polygon_base_url":
+                                                                  server.base_url}))
+            console.print(f"Sandbox serving on {server.base_url}", highlight=False)
+        scheduler = AutoBackfillScheduler(
+            settings=settings, progress=None if daemon else _PrintedProgress())
+        try:
+            if daemon:
+                await scheduler.run_forever()
+                return 0
+            async with scheduler:
+                summary = await scheduler.run_once()
+        except AuthenticationError as exc:
+            log.error("polygon.key_rejected", message=f"API key rejected, stopping: {exc}")
+            return 3
+        _print_summary(summary)
+        return 1 if summary["tickers_failed"] else 0
+    return 0
+
+
+async def _status(settings: Settings) -> int:
+    url = settings.database_url
+    async with open_database(url.get_secret_value() if url else None,
+                             settings.embedded_pg_dir) as store:
+        rows = await store.status()
+    table = Table(title="Backfill status")
+    for column in ("ticker", "timeframe", "bars", "first", "last", "last run", "last result"):
+        table.add_column(column, justify="right" if column == "bars" else "left")
+    for row in rows:
+        result = row.last_result or "-"
+        if row.last_error:
+            result = f"[red]{row.last_error}[/]"
+        table.add_row(row.ticker, row.timeframe, str(row.bars),
+                      row.first.isoformat() if row.first else "-",
+                      row.last.isoformat() if row.last else "-",
+                      row.last_run_at.isoformat(timespec="seconds") if row.last_run_at else "-",
+                      result)
+    console.print(table)
+    return 0
+
+
+def _sandbox_config(args: argparse.Namespace) -> SandboxConfig:
+    config = SandboxConfig(data_dir=args.data_dir, synthetic=not args.no_synthetic,
+                           latency_s=args.latency_ms / 1000, api_key=args.api_key)
+    if args.rate_limit:
+        count, _, period = args.rate_limit.partition("/")
+        try:
+            config.rate_limit, config.rate_period_s = int(count), float(period or 60)
+        except ValueError:
+            raise ConfigError(f"--rate-limit: {args.rate_limit!r} is not N/SECONDS") from None
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``polygon-backfill`` console script and of ``main.py``."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "sandbox":
+            configure_logging(None, "INFO")
+            run_sandbox(_sandbox_config(args), args.host, args.port)
+            return 0
+        settings = _load(args) if args.command in ("once", "run") else load_settings()
+        configure_logging(settings.log_file, settings.log_level, settings.secrets())
+        if args.command == "status":
+            return asyncio.run(_status(settings))
+        return asyncio.run(_backfill(args, settings, daemon=args.command == "run"))
+    except ConfigError as exc:
+        print(f"polygon-backfill: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Plan step: what is missing for one (ticker, timeframe), from its recorded coverage.
+
+Coverage is a set of half-open intervals fetched successfully (empty ones included), so a
+hole anywhere (an outage, a failed range, an earlier backfill start) is found, not only what
+lies after the last stored bar. The trailing window is always asked again, because the
+newest bars are published late and corrected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from polygon_backfill.models import (
+    Timeframe,
+    TimeRange,
+    datetime_to_ms,
+    session_date,
+    session_start,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SymbolWork:
+    """Everything one ticker needs in one run: ``(timeframe, range)`` pairs, in order."""
+
+    ticker: str
+    ranges: Sequence[tuple[Timeframe, TimeRange]] = field(default_factory=tuple)
+
+    @property
+    def timeframes(self) -> list[Timeframe]:
+        return list(dict.fromkeys(timeframe for timeframe, _ in self.ranges))
+
+
+def align_start(ticker: str, timeframe: Timeframe, moment: datetime) -> datetime:
+    """Move ``moment`` back to the start of the bar that contains it, so a range never
+    begins inside a bar (that bar would be skipped by the API's inclusive ``from``)."""
+    if timeframe.is_daily:
+        return session_start(ticker, session_date(ticker, datetime_to_ms(moment)))
+    step_ms = int(timeframe.duration.total_seconds() * 1000)
+    ms = datetime_to_ms(moment)
+    return datetime.fromtimestamp((ms - ms % step_ms) / 1000, tz=UTC)
+
+
+def merge(ranges: Iterable[TimeRange]) -> list[TimeRange]:
+    """Sort and join overlapping or touching intervals."""
+    merged: list[TimeRange] = []
+    for item in sorted((r for r in ranges if not r.empty), key=lambda r: r.start):
+        if merged and item.start <= merged[-1].end:
+            last = merged[-1]
+            merged[-1] = TimeRange(last.start, max(last.end, item.end))
+        else:
+            merged.append(item)
+    return merged
+
+
+def subtract(window: TimeRange, covered: Iterable[TimeRange]) -> list[TimeRange]:
+    """The parts of ``window`` that no interval in ``covered`` contains."""
+    missing: list[TimeRange] = []
+    cursor = window.start
+    for item in merge(covered):
+        if item.end <= cursor:
+            continue
+        if item.start >= window.end:
+            break
+        if item.start > cursor:
+            missing.append(TimeRange(cursor, item.start))
+        cursor = max(cursor, item.end)
+    if cursor < window.end:
+        missing.append(TimeRange(cursor, window.end))
+    return missing
+
+
+def missing_ranges(
+    ticker: str,
+    timeframe: Timeframe,
+    coverage: Sequence[TimeRange],
+    *,
+    start: datetime,
+    now: datetime,
+    trailing_window: timedelta,
+) -> list[TimeRange]:
+    """Ranges to fetch: ``[start, now)`` less what is covered, plus the trailing window.
+
+    Coverage inside the trailing window does not count, so late and corrected bars are
+    fetched again on every run. Ranges start on bar boundaries.
+    """
+    window_start = align_start(ticker, timeframe, start)
+    if now <= window_start:
+        return []
+    trusted_until = align_start(ticker, timeframe, now - trailing_window)
+    trusted = [TimeRange(item.start, min(item.end, trusted_until)) for item in coverage
+               if item.start < trusted_until]
+    gaps = subtract(TimeRange(window_start, now), trusted)
+    return [TimeRange(align_start(ticker, timeframe, gap.start), gap.end) for gap in gaps]

@@ -1,0 +1,349 @@
+"""AutoBackfillScheduler: plan -> fetch -> validate -> write -> record, on a cron schedule.
+
+An APScheduler cron job calls ``_backfill_job``; it plans what is missing per (ticker,
+timeframe), then works through tickers in staggered groups (``parallel_backfill``) or one
+by one. Each page is written, with its coverage, in one transaction as soon as it arrives,
+so an interrupted run resumes where it stopped. One ticker's failure never stops the others;
+a rejected API key (401) stops the run, since every other request would fail the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+from contextlib import AsyncExitStack, aclosing
+from datetime import timedelta
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from polygon_backfill.clients import Page, PolygonClient
+from polygon_backfill.clock import Clock, SystemClock
+from polygon_backfill.config import Settings, load_settings
+from polygon_backfill.errors import AuthenticationError
+from polygon_backfill.models import Timeframe, TimeRange
+from polygon_backfill.planner import SymbolWork, missing_ranges
+from polygon_backfill.storage import BarStore, WriteResult, open_database
+from polygon_backfill.summary import BackfillSummary, PairOutcome, TickerResult
+
+log = structlog.get_logger(__name__)
+
+
+class BackfillProgress(Protocol):
+    """Receives progress of a run (the CLI draws a progress bar from it)."""
+
+    def planned(self, pairs: int) -> None: ...
+
+    def pair_done(self, outcome: PairOutcome) -> None: ...
+
+
+class AutoBackfillScheduler:
+    """Keeps bars for the configured tickers and timeframes complete in PostgreSQL.
+
+    Settings come from the environment / ``.env``; keyword arguments override them. The
+    client, the store and the clock can be injected (tests hand in a fake clock).
+    """
+
+    def __init__(
+        self,
+        polygon_api_key: str | None = None,
+        database_url: str | None = None,
+        parallel_backfill: bool | None = None,
+        max_concurrent_symbols: int | None = None,
+        *,
+        settings: Settings | None = None,
+        polygon_client: PolygonClient | None = None,
+        store: BarStore | None = None,
+        clock: Clock | None = None,
+        progress: BackfillProgress | None = None,
+        **overrides: Any,
+    ) -> None:
+        named = {"polygon_api_key": polygon_api_key, "database_url": database_url,
+                 "parallel_backfill": parallel_backfill,
+                 "max_concurrent_symbols": max_concurrent_symbols}
+        given = {key: value for key, value in named.items() if value is not None} | overrides
+        if settings is None:
+            settings = load_settings(**given)
+        elif given:
+            settings = load_settings(**(settings.model_dump() | given))
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self.progress = progress
+        self.polygon_client = polygon_client or PolygonClient(
+            settings.polygon_api_key.get_secret_value(),
+            settings.polygon_base_url,
+            timeout_s=settings.http_timeout_seconds,
+            max_attempts=settings.retry_attempts,
+            max_wait_s=settings.retry_max_wait_seconds,
+            page_limit=settings.page_limit,
+            max_pages=settings.max_pages,
+            adjusted=settings.adjusted,
+            sleep=self.clock.sleep,
+        )
+        self._store = store
+        self._exit_stack = AsyncExitStack()
+        self._job_lock = asyncio.Lock()
+        self._stop_requested = asyncio.Event()
+        self._pending_writes: set[asyncio.Task[WriteResult]] = set()
+        self._current_job: asyncio.Task[Any] | None = None
+        self.fatal_error: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def parallel_backfill(self) -> bool:
+        return self.settings.parallel_backfill
+
+    @property
+    def max_concurrent_symbols(self) -> int:
+        return self.settings.max_concurrent_symbols
+
+    @property
+    def store(self) -> BarStore:
+        if self._store is None:
+            raise RuntimeError("AutoBackfillScheduler.start() has not been awaited")
+        return self._store
+
+    async def start(self) -> None:
+        """Connect to PostgreSQL (starting the embedded one when no URL is set) and migrate."""
+        if self._store is None:
+            url = self.settings.database_url
+            self._store = await self._exit_stack.enter_async_context(open_database(
+                url.get_secret_value() if url else None, self.settings.embedded_pg_dir))
+
+    async def close(self) -> None:
+        """Let in-flight writes commit, then close the client and the database."""
+        if self._pending_writes:
+            await asyncio.gather(*self._pending_writes, return_exceptions=True)
+        await self.polygon_client.aclose()
+        await self._exit_stack.aclose()
+
+    async def __aenter__(self) -> AutoBackfillScheduler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def request_stop(self) -> None:
+        """Stop after the pages being written now; nothing is left half-written."""
+        if not self._stop_requested.is_set():
+            log.info("scheduler.stopping", message="Stop requested: finishing in-flight writes")
+        self._stop_requested.set()
+
+    async def run_once(self) -> dict[str, Any]:
+        """One pass now; what ``polygon-backfill once`` and tests await."""
+        await self.start()
+        return await self._backfill_job()
+
+    async def run_forever(self) -> None:
+        """The daemon: cron-scheduled passes until SIGTERM/SIGINT, then a graceful drain."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+        zone = ZoneInfo(self.settings.schedule_timezone)
+        scheduler = AsyncIOScheduler(timezone=zone)
+        job_options: dict[str, Any] = {"id": "backfill", "max_instances": 1, "coalesce": True,
+                                       "misfire_grace_time": 3600}
+        if self.settings.run_on_start:
+            job_options["next_run_time"] = self.clock.now()
+        scheduler.add_job(self._scheduled_job,
+                          CronTrigger.from_crontab(self.settings.schedule_cron, timezone=zone),
+                          **job_options)
+        scheduler.start()
+        log.info("scheduler.started", message="Backfill daemon started",
+                 cron=self.settings.schedule_cron, timezone=self.settings.schedule_timezone,
+                 tickers=self.settings.tickers,
+                 timeframes=[tf.name for tf in self.settings.timeframes])
+        try:
+            await self._stop_requested.wait()
+        finally:
+            scheduler.shutdown(wait=False)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            await self._drain()
+            await self.close()
+        if self.fatal_error is not None:
+            raise self.fatal_error
+
+    async def _drain(self) -> None:
+        job = self._current_job
+        if job is None or job.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(job), self.settings.shutdown_timeout_seconds)
+        except TimeoutError:
+            log.warning("scheduler.drain_timeout", message="Backfill still running at shutdown "
+                        "timeout; cancelling it (committed pages are kept)")
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+        except Exception:  # the job logged its own failure
+            pass
+
+    async def _scheduled_job(self) -> None:
+        self._current_job = asyncio.current_task()
+        try:
+            await self._backfill_job()
+        except AuthenticationError as exc:
+            self.fatal_error = exc
+            self.request_stop()
+        except Exception:
+            log.exception("backfill.job_crashed", message="Backfill job failed unexpectedly")
+
+    # -- the job -------------------------------------------------------------------------
+
+    async def _backfill_job(self) -> dict[str, Any]:
+        """Plan, backfill every ticker, log and return the run's summary."""
+        async with self._job_lock:
+            started = self.clock.monotonic()
+            requests_before = self.polygon_client.total_requests
+            limited_before = self.polygon_client.rate_limited_count
+            api_before = self.polygon_client.api_seconds
+            plan = await self._plan()
+            if self.progress is not None:
+                self.progress.planned(sum(len(work.timeframes) for work in plan))
+            log.info("backfill.started", message=f"Backfill started: {len(plan)} tickers, "
+                     f"{sum(len(work.ranges) for work in plan)} ranges",
+                     parallel=self.parallel_backfill)
+            if self.parallel_backfill:
+                results = await self._backfill_symbols_parallel(
+                    plan, max_concurrent=self.max_concurrent_symbols)
+            else:
+                results = await self._backfill_symbols_sequential(plan)
+            summary = BackfillSummary.from_results(
+                results,
+                requests=self.polygon_client.total_requests - requests_before,
+                rate_limited=self.polygon_client.rate_limited_count - limited_before,
+                api_seconds=round(self.polygon_client.api_seconds - api_before, 3),
+                total_seconds=round(self.clock.monotonic() - started, 3),
+                stopped_early=self._stop_requested.is_set(),
+            )
+            log.info("backfill.finished",
+                     message=f"Backfill finished: {len(summary.tickers_ok)} tickers ok, "
+                     f"{len(summary.tickers_failed)} failed, {summary.bars_written} bars written",
+                     **summary.as_dict())
+            return summary.as_dict()
+
+    async def _plan(self) -> list[SymbolWork]:
+        now = self.clock.now()
+        start = self.settings.backfill_start_time(now)
+        trailing = timedelta(days=self.settings.trailing_window_days)
+        plan = []
+        for ticker in self.settings.tickers:
+            ranges = []
+            for timeframe in self.settings.timeframes:
+                coverage = await self.store.coverage(ticker, timeframe)
+                ranges += [(timeframe, gap) for gap in missing_ranges(
+                    ticker, timeframe, coverage, start=start, now=now, trailing_window=trailing)]
+            plan.append(SymbolWork(ticker, tuple(ranges)))
+        return plan
+
+    async def _backfill_symbols_parallel(
+        self, symbols_data: Sequence[SymbolWork], max_concurrent: int = 3
+    ) -> dict[str, TickerResult]:
+        """Groups of ``max_concurrent`` tickers; starts staggered inside a group, a pause
+        between groups (the seed's Phase 3 mode)."""
+        groups = [symbols_data[i:i + max_concurrent]
+                  for i in range(0, len(symbols_data), max_concurrent)]
+        results: dict[str, TickerResult] = {}
+        for number, group in enumerate(groups, start=1):
+            if self._stop_requested.is_set():
+                break
+            tickers = [work.ticker for work in group]
+            log.info("scheduler.group_started",
+                     message=f"Processing symbol group {number}/{len(groups)}: {tickers}",
+                     group=number, groups=len(groups), tickers=tickers)
+            outcomes = await asyncio.gather(
+                *(self._staggered(index * self.settings.stagger_seconds, work)
+                  for index, work in enumerate(group)),
+                return_exceptions=True)
+            for work, outcome in zip(group, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                results[work.ticker] = outcome
+            if number < len(groups) and not self._stop_requested.is_set():
+                await self.clock.sleep(self.settings.group_pause_seconds)
+        return results
+
+    async def _backfill_symbols_sequential(
+        self, symbols_data: Sequence[SymbolWork]
+    ) -> dict[str, TickerResult]:
+        """One ticker after another (``parallel_backfill=False``, the seed's Phase 2 mode)."""
+        results: dict[str, TickerResult] = {}
+        for work in symbols_data:
+            if self._stop_requested.is_set():
+                break
+            results[work.ticker] = await self._backfill_symbol(work)
+        return results
+
+    async def _staggered(self, delay_s: float, work: SymbolWork) -> TickerResult:
+        if delay_s:
+            await self.clock.sleep(delay_s)
+        return await self._backfill_symbol(work)
+
+    async def _backfill_symbol(self, work: SymbolWork) -> TickerResult:
+        """All of one ticker's ranges; each timeframe's failure is caught and reported."""
+        result = TickerResult(work.ticker)
+        log.info("backfill.symbol_started", message=f"Backfilling {work.ticker}",
+                 ticker=work.ticker, ranges=len(work.ranges))
+        for timeframe in work.timeframes:
+            ranges = [time_range for tf, time_range in work.ranges if tf == timeframe]
+            outcome = PairOutcome(work.ticker, timeframe.name)
+            result.pairs.append(outcome)
+            await self._backfill_pair(work.ticker, timeframe, ranges, outcome, result)
+            if self.progress is not None:
+                self.progress.pair_done(outcome)
+        return result
+
+    async def _backfill_pair(self, ticker: str, timeframe: Timeframe, ranges: list[TimeRange],
+                             outcome: PairOutcome, result: TickerResult) -> None:
+        try:
+            for time_range in ranges:
+                if self._stop_requested.is_set():
+                    outcome.ok, outcome.error = False, "stopped before completion"
+                    break
+                outcome.ranges += 1
+                pages = self.polygon_client.iter_pages(
+                    ticker, timeframe, time_range.start, time_range.end)
+                async with aclosing(pages):
+                    async for page in pages:
+                        written_at = self.clock.monotonic()
+                        written = await self._write(ticker, timeframe, page)
+                        result.db_seconds += self.clock.monotonic() - written_at
+                        outcome.pages += 1
+                        outcome.inserted += written.inserted
+                        outcome.updated += written.updated
+                        outcome.rejected += page.rejected
+                        if self._stop_requested.is_set():
+                            break
+        except AuthenticationError:
+            raise
+        except Exception as exc:  # one pair's failure must not stop the others
+            outcome.ok, outcome.error = False, str(exc)
+            log.error("backfill.pair_failed", message=f"Backfill of {ticker} {timeframe} failed: "
+                      f"{exc}", ticker=ticker, timeframe=timeframe.name,
+                      error_type=type(exc).__name__)
+        message = (f"ok: {outcome.inserted} new, {outcome.updated} changed" if outcome.ok
+                   else f"failed: {outcome.error}")
+        try:
+            await self.store.record_result(ticker, timeframe, ok=outcome.ok, message=message,
+                                           at=self.clock.now())
+        except Exception as exc:
+            log.error("backfill.record_failed", message=f"Could not record the result of "
+                      f"{ticker} {timeframe}: {exc}", ticker=ticker, timeframe=timeframe.name)
+
+    async def _write(self, ticker: str, timeframe: Timeframe, page: Page) -> WriteResult:
+        """Write one page and its coverage; shielded so a shutdown never cuts it in half."""
+        task = asyncio.ensure_future(
+            self.store.write_page(ticker, timeframe, page.bars, page.covered))
+        self._pending_writes.add(task)
+        task.add_done_callback(self._pending_writes.discard)
+        result = await asyncio.shield(task)
+        log.debug("backfill.page_written", ticker=ticker, timeframe=timeframe.name,
+                  bars=len(page.bars), inserted=result.inserted, updated=result.updated)
+        return result

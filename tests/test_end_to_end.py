@@ -1,0 +1,147 @@
+"""End to end: the sandbox serving the real CSV data, real PostgreSQL, the scheduler.
+
+The table must equal the CSV files exactly; a second run writes nothing and only asks for
+the trailing window; a run interrupted midway and run again ends with the same table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from polygon_backfill.models import Timeframe, asset_class, AssetClass, ms_to_datetime
+from polygon_backfill.sandbox import SandboxConfig, SandboxServer
+from polygon_backfill.scheduler import AutoBackfillScheduler
+from polygon_backfill.storage import BarStore
+from tests.support import REAL_DATA
+
+pytestmark = pytest.mark.skipif(not REAL_DATA.is_dir(), reason="../shared/data/real is absent")
+
+# (ticker, timeframe, CSV file): the three real series and how they are kept.
+SERIES = [("AAPL", "1d", "AAPL.day.csv"), ("SPY", "1d", "SPY.day.csv"),
+          ("I:SPX", "1m", "I-SPX.minute.csv")]
+
+
+def read_csv(name: str, ticker: str) -> list[tuple[Any, ...]]:
+    """The CSV rows as (time, o, h, l, c, v); an index's volume 0 is Polygon's 'no volume'."""
+    rows = []
+    with (REAL_DATA / name).open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            volume: float | None = float(row["v"])
+            if asset_class(ticker) is AssetClass.INDEX and volume == 0:
+                volume = None
+            rows.append((ms_to_datetime(int(row["t"])), float(row["o"]), float(row["h"]),
+                         float(row["l"]), float(row["c"]), volume))
+    return rows
+
+
+async def table_rows(store: BarStore, ticker: str, timeframe: str) -> list[tuple[Any, ...]]:
+    bars = await store.fetch_bars(ticker, Timeframe.parse(timeframe))
+    return [(bar.bar_time, bar.open, bar.high, bar.low, bar.close, bar.volume) for bar in bars]
+
+
+@pytest.fixture
+async def real_sandbox() -> AsyncIterator[SandboxServer]:
+    async with SandboxServer(SandboxConfig(data_dir=REAL_DATA, synthetic=False)) as server:
+        yield server
+
+
+async def backfill(store: BarStore, server: SandboxServer, **options: Any) -> dict[str, Any]:
+    """One pass per timeframe group, as a user runs `once` for AAPL,SPY 1d and I:SPX 1m."""
+    totals: dict[str, Any] = {"bars_written": 0, "requests": 0, "tickers_failed": {}}
+    for tickers, timeframe in ((["AAPL", "SPY"], "1d"), (["I:SPX"], "1m")):
+        scheduler = AutoBackfillScheduler(
+            polygon_api_key="test-key", store=store, polygon_base_url=server.base_url,
+            tickers=tickers, timeframes=[timeframe], backfill_start="2004-01-01",
+            stagger_seconds=0, group_pause_seconds=0, **options)
+        try:
+            summary = await scheduler.run_once()
+        finally:
+            await scheduler.polygon_client.aclose()
+        totals["bars_written"] += summary["bars_written"]
+        totals["requests"] += summary["requests"]
+        totals["tickers_failed"] |= summary["tickers_failed"]
+    return totals
+
+
+async def assert_table_equals_csv(store: BarStore) -> None:
+    for ticker, timeframe, name in SERIES:
+        expected = read_csv(name, ticker)
+        stored = await table_rows(store, ticker, timeframe)
+        assert len(stored) == len(expected), ticker
+        assert stored == expected, ticker
+
+
+async def test_backfill_leaves_exactly_the_csv_rows(
+        bar_store: BarStore, real_sandbox: SandboxServer) -> None:
+    """Every row, every value and every time of the three real series, nothing else."""
+    summary = await backfill(bar_store, real_sandbox)
+    assert summary["tickers_failed"] == {}
+    await assert_table_equals_csv(bar_store)
+    expected_rows = sum(len(read_csv(name, ticker)) for ticker, _, name in SERIES)
+    assert summary["bars_written"] == expected_rows == 3379 + 2519 + 1563
+    assert sum(row.bars for row in await bar_store.status()) == expected_rows
+
+
+async def test_second_run_writes_nothing_and_asks_only_for_the_trailing_window(
+        bar_store: BarStore, real_sandbox: SandboxServer) -> None:
+    """After a full run, each pair costs one request (its trailing window) and no write."""
+    await backfill(bar_store, real_sandbox)
+    before = len(real_sandbox.requests)
+    again = await backfill(bar_store, real_sandbox)
+    assert again["bars_written"] == 0
+    asked = real_sandbox.requests[before:]
+    assert again["requests"] == len(asked) == len(SERIES)
+    today = datetime.now(UTC)
+    for record in asked:
+        assert record.status == 200
+        assert record.results == 0
+        start = record.path.split("/")[-2]
+        start_time = (datetime.fromisoformat(start).replace(tzinfo=UTC) if "-" in start
+                      else ms_to_datetime(int(start)))
+        assert (today - start_time).days <= 5, record.path
+    await assert_table_equals_csv(bar_store)
+
+
+async def test_run_interrupted_midway_then_rerun_ends_with_the_same_table(
+        bar_store: BarStore, real_sandbox: SandboxServer) -> None:
+    """Cancel the pass after a few small pages; the next pass completes the exact table."""
+    writes = 0
+    original = bar_store.write_page
+    job: asyncio.Task[Any] | None = None
+
+    async def counting_write(*args: Any, **kwargs: Any) -> Any:
+        nonlocal writes
+        result = await original(*args, **kwargs)
+        writes += 1
+        if writes == 5 and job is not None:
+            job.cancel()
+        return result
+
+    bar_store.write_page = counting_write  # type: ignore[method-assign]
+    job = asyncio.ensure_future(backfill(bar_store, real_sandbox, page_limit=200))
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    bar_store.write_page = original  # type: ignore[method-assign]
+    partial = sum(row.bars for row in await bar_store.status())
+    assert 0 < partial < 3379 + 2519 + 1563
+    summary = await backfill(bar_store, real_sandbox, page_limit=200)
+    assert summary["tickers_failed"] == {}
+    await assert_table_equals_csv(bar_store)
+
+
+def test_cli_once_exits_cleanly_on_bad_configuration(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad setting gets one line naming it and exit code 2, before anything starts."""
+    from polygon_backfill.cli import main
+
+    assert main(["once", "--tickers", "AAPL,../x", "--base-url", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "TICKERS" in err and "'../x'" in err
+    assert len(err.strip().splitlines()) == 1
