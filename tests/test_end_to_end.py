@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from polygon_backfill.models import Timeframe, asset_class, AssetClass, ms_to_datetime
+from polygon_backfill.models import AssetClass, Timeframe, asset_class, ms_to_datetime
 from polygon_backfill.sandbox import SandboxConfig, SandboxServer
 from polygon_backfill.scheduler import AutoBackfillScheduler
 from polygon_backfill.storage import BarStore
@@ -143,5 +143,6 @@ def test_cli_once_exits_cleanly_on_bad_configuration(tmp_path: Path,
 
     assert main(["once", "--tickers", "AAPL,../x", "--base-url", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
-    assert "TICKERS" in err and "'../x'" in err
+    assert "TICKERS" in err
+    assert "'../x'" in err
     assert len(err.strip().splitlines()) == 1
