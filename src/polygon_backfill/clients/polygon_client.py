@@ -1,0 +1,388 @@
+"""PolygonClient: one keep-alive httpx client, header auth, per-page retries, safe pagination.
+
+A range is fetched as a chain of pages. Each page is retried on its own (tenacity, 5
+attempts, waits 1, 2, 4, 8 s or the server's ``Retry-After``), so a 429 storm mid-range
+resumes from the page that failed (pitfall 2). ``next_url`` is followed on our own base URL
+only; a full page without ``next_url`` is continued by hand (pitfall 1); a repeated cursor
+or too many pages is a :class:`PaginationError` (pitfall 14).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from polygon_backfill.clients import _urls
+from polygon_backfill.clients.responses import (
+    NOT_AUTHORIZED,
+    SUCCESS_STATUSES,
+    AggregatesResponse,
+    PayloadError,
+    parse_aggregates,
+    read_status,
+    select_bars,
+    server_text,
+)
+from polygon_backfill.errors import (
+    AuthenticationError,
+    MalformedResponseError,
+    NotAuthorizedError,
+    PaginationError,
+    PolygonClientError,
+    PolygonError,
+    RateLimitedError,
+    TransientPolygonError,
+)
+from polygon_backfill.models import Bar, Timeframe, TimeRange, datetime_to_ms, validate_ticker
+
+log = structlog.get_logger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One verified TLS context for every client: building it loads the CA bundle (~20 ms)."""
+    return httpx.create_ssl_context()
+
+
+class ServerError(TransientPolygonError):
+    """HTTP 5xx; ``retry_after_s`` is the server's Retry-After when it sent one (503)."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **context: Any):
+        self.retry_after_s = retry_after_s
+        super().__init__(message, **context)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a range: its sound bars and the span of time it answers for.
+
+    ``covered`` runs from this page's ``from`` to the next page's ``from`` (or the range
+    end for the last page), so the caller can record coverage page by page.
+    """
+
+    bars: list[Bar]
+    covered: TimeRange
+    rejected: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """One page to ask for: a path relative to the base URL and the moment it starts at."""
+
+    url: str
+    params: dict[str, str] | None
+    covers_from: datetime
+
+    @property
+    def key(self) -> str:
+        extra = "&".join(f"{k}={v}" for k, v in sorted((self.params or {}).items()))
+        return f"{self.url}|{extra}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """What one ``iter_pages`` call is about; its fields go into every error and log line."""
+
+    ticker: str
+    timeframe: Timeframe
+    span: TimeRange
+
+    @property
+    def context(self) -> dict[str, Any]:
+        return {"ticker": self.ticker, "timeframe": self.timeframe.name}
+
+
+class PolygonClient:
+    """Fetches aggregates for one API key. Share one instance; it is safe across tasks."""
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str = "https://api.polygon.io",
+        *,
+        timeout_s: float = 30.0,
+        max_attempts: int = 5,
+        max_wait_s: float = 300.0,
+        page_limit: int = 50_000,
+        max_pages: int = 10_000,
+        adjusted: bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if max_attempts < 1 or max_pages < 1 or not 1 <= page_limit <= 50_000:
+            raise ValueError("max_attempts and max_pages must be >= 1, page_limit 1..50000")
+        self._api_key = api_key
+        self._max_attempts = max_attempts
+        self._max_wait_s = max_wait_s
+        self._page_limit = page_limit
+        self._max_pages = max_pages
+        self._adjusted = adjusted
+        self._timeout_s = timeout_s
+        self._sleep = sleep
+        self._backoff = wait_exponential(multiplier=1, min=1, max=max_wait_s)
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json",
+                     "User-Agent": "polygon-backfill"},
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16,
+                                keepalive_expiry=30.0),
+            transport=transport,
+            verify=_ssl_context(),
+            follow_redirects=False,
+        )
+        self.total_requests = 0
+        self.rate_limited_count = 0
+        self.api_seconds = 0.0
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the pooled connections."""
+        await self._http.aclose()
+
+    async def fetch_range(self, ticker: str, timeframe: Timeframe, start: datetime,
+                          end: datetime) -> list[Bar]:
+        """Every sound bar in ``[start, end)``, one per ``t``, sorted."""
+        bars: dict[int, Bar] = {}
+        async for page in self.iter_pages(ticker, timeframe, start, end):
+            bars.update((bar.t, bar) for bar in page.bars)
+        return [bars[t] for t in sorted(bars)]
+
+    async def iter_pages(self, ticker: str, timeframe: Timeframe, start: datetime,
+                         end: datetime) -> AsyncIterator[Page]:
+        """Yield the pages of ``[start, end)`` in time order; each one is retried alone."""
+        validate_ticker(ticker)
+        job = _Job(ticker, timeframe, TimeRange(start, end))
+        if job.span.empty:
+            return
+        from_, to = _urls.range_bounds(ticker, timeframe, start, end)
+        in_range = _urls.range_filter(ticker, timeframe, start, end)
+        request: _Request | None = _Request(
+            _urls.aggs_path(ticker, timeframe, from_, to), self._params(), start)
+        seen: set[str] = set()
+        pages = 0
+        while request is not None:
+            self._check_new(request, seen, pages, job)
+            pages += 1
+            answer = await self._fetch_page(request, job)
+            raws = answer.results or []
+            selection = select_bars(raws, in_range)
+            if selection.rejected:
+                log.warning(
+                    "polygon.bars_rejected",
+                    message=f"Dropped {selection.rejected} bar(s) from {ticker} {timeframe} "
+                            f"page {pages}: {selection.first_reason}",
+                    **job.context, page=pages, rejected=selection.rejected,
+                    reason=selection.first_reason)
+            following = self._next_request(answer, request, to, job)
+            if following is not None and following.covers_from >= end:
+                following = None
+            covered_end = end if following is None else following.covers_from
+            log.debug("polygon.page_fetched",
+                      message=f"Fetched page {pages} of {ticker} {timeframe}: "
+                              f"{len(selection.bars)} bar(s)",
+                      **job.context, page=pages, bars=len(selection.bars),
+                      rejected=selection.rejected, more=following is not None)
+            yield Page(selection.bars, TimeRange(request.covers_from, covered_end),
+                       selection.rejected)
+            request = following
+
+    def _params(self) -> dict[str, str]:
+        return {"adjusted": "true" if self._adjusted else "false", "sort": "asc",
+                "limit": str(self._page_limit)}
+
+    def _check_new(self, request: _Request, seen: set[str], pages: int, job: _Job) -> None:
+        """Refuse a loop (the same page URL twice) and a page beyond the cap.
+
+        The cursor alone does not identify a page: Polygon's cursor encodes only the query
+        options (``limit=10&sort=asc``) and repeats on every page; the ``from`` segment moves.
+        """
+        if request.key in seen:
+            raise PaginationError(
+                f"next_url repeated a page already fetched after {pages} page(s)",
+                **job.context)
+        if pages >= self._max_pages:
+            raise PaginationError(f"page cap of {self._max_pages} reached", **job.context)
+        seen.add(request.key)
+
+    def _next_request(self, answer: AggregatesResponse, request: _Request, to: str,
+                      job: _Job) -> _Request | None:
+        """The page after this one: ``next_url`` on our base URL, or a hand-made
+        continuation after a suspiciously full page (pitfall 1), or None when done."""
+        raws = answer.results or []
+        last_t = max((raw.t for raw in raws), default=None)
+        if answer.next_url:
+            try:
+                url = _urls.local_next_url(answer.next_url)
+            except ValueError as exc:
+                raise PaginationError(str(exc), **job.context) from None
+            starts = _urls.from_of(url, job.ticker)
+            if starts is None:
+                starts = (request.covers_from if last_t is None
+                          else _urls.exact_datetime(last_t + 1))
+            return _Request(url, None, max(starts, request.covers_from))
+        counts = (answer.results_count, answer.query_count)
+        if not any(count is not None and count >= self._page_limit for count in counts):
+            return None
+        if last_t is None or last_t + 1 <= datetime_to_ms(request.covers_from):
+            raise PaginationError("a full page without next_url did not advance",
+                                  **job.context)
+        log.info("polygon.self_paginating",
+                 message=f"Full page without next_url for {job.ticker} {job.timeframe}, "
+                         f"continuing after t={last_t}",
+                 **job.context, last_t=last_t)
+        url = _urls.aggs_path(job.ticker, job.timeframe, str(last_t + 1), to)
+        return _Request(url, self._params(), _urls.exact_datetime(last_t + 1))
+
+    async def _fetch_page(self, request: _Request, job: _Job) -> AggregatesResponse:
+        """One page with retries; after the last attempt the last error is raised as is."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception_type(TransientPolygonError),
+            sleep=self._sleep,
+            before_sleep=lambda state: self._log_retry(state, job),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._attempt(request, job)
+        except RateLimitedError:
+            log.warning(
+                "polygon.rate_limited",
+                message=f"Rate limited on {job.ticker} {job.timeframe}, attempt "
+                        f"{self._max_attempts}/{self._max_attempts}, giving up",
+                **job.context, attempt=self._max_attempts, wait_s=None)
+            raise
+        raise AssertionError("tenacity ended without a result")  # pragma: no cover
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Retry-After when the server sent one (capped), else exponential 1, 2, 4, 8 s."""
+        error = state.outcome.exception() if state.outcome else None
+        hint = getattr(error, "retry_after_s", None)
+        if hint is not None:
+            return min(float(hint), self._max_wait_s)
+        return float(self._backoff(state))
+
+    def _log_retry(self, state: RetryCallState, job: _Job) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        wait = state.upcoming_sleep
+        attempt = state.attempt_number
+        fields = {**job.context, "attempt": attempt, "max_attempts": self._max_attempts,
+                  "wait_s": wait}
+        if isinstance(error, RateLimitedError):
+            log.warning("polygon.rate_limited",
+                        message=f"Rate limited on {job.ticker} {job.timeframe}, attempt "
+                                f"{attempt}/{self._max_attempts}, waiting {wait:.1f} s",
+                        **fields)
+        else:
+            log.warning("polygon.retrying",
+                        message=f"Retrying {job.ticker} {job.timeframe} after: {error}; "
+                                f"attempt {attempt}/{self._max_attempts}, "
+                                f"waiting {wait:.1f} s",
+                        reason=str(error), **fields)
+
+    async def _attempt(self, request: _Request, job: _Job) -> AggregatesResponse:
+        """One HTTP request, with transport failures mapped into the error tree."""
+        self.total_requests += 1
+        started = time.monotonic()
+        try:
+            response = await self._http.get(request.url, params=request.params)
+        except httpx.TimeoutException as exc:
+            raise TransientPolygonError(
+                f"request timed out after {self._timeout_s:g} s ({type(exc).__name__})",
+                **job.context) from exc
+        except httpx.TransportError as exc:
+            raise TransientPolygonError(
+                f"connection failed: {self._redact(f'{type(exc).__name__}: {exc}')}",
+                **job.context) from exc
+        except httpx.DecodingError as exc:
+            raise MalformedResponseError("body could not be decoded", **job.context) from exc
+        except httpx.RequestError as exc:
+            raise PolygonError(f"request failed: {type(exc).__name__}", **job.context) from exc
+        finally:
+            self.api_seconds += time.monotonic() - started
+        return self._read(response, job)
+
+    def _read(self, response: httpx.Response, job: _Job) -> AggregatesResponse:
+        """Turn a response into an answer or the matching error."""
+        code = response.status_code
+        context: dict[str, Any] = {**job.context, "status_code": code}
+        if code == 429:
+            self.rate_limited_count += 1
+            raise RateLimitedError("rate limited", retry_after_s=self._retry_after(response),
+                                   server_message=self._error_text(response), **context)
+        if code >= 500:
+            raise ServerError("server error", retry_after_s=self._retry_after(response),
+                              server_message=self._error_text(response), **context)
+        if code == 408:
+            raise TransientPolygonError("request timeout",
+                                        server_message=self._error_text(response), **context)
+        if not 200 <= code < 300:
+            kind = {401: AuthenticationError, 403: NotAuthorizedError}.get(
+                code, PolygonClientError)
+            raise kind("request refused", server_message=self._error_text(response),
+                       **context)
+        try:
+            payload = json.loads(response.content)
+        except ValueError:
+            raise MalformedResponseError(
+                f"body is not valid JSON ({len(response.content)} bytes)", **context) from None
+        try:
+            status = read_status(payload)
+            if status == NOT_AUTHORIZED:
+                raise NotAuthorizedError("not authorized",
+                                         server_message=self._message(payload), **context)
+            if status not in SUCCESS_STATUSES:
+                raise MalformedResponseError(f"status {status}",
+                                             server_message=self._message(payload), **context)
+            return parse_aggregates(payload)
+        except PayloadError as exc:
+            raise MalformedResponseError(f"malformed aggregates answer: {exc}",
+                                         **context) from None
+
+    def _retry_after(self, response: httpx.Response) -> float | None:
+        return _urls.parse_retry_after(response.headers.get("Retry-After"), datetime.now(UTC))
+
+    def _error_text(self, response: httpx.Response) -> str | None:
+        """The server's ``error``/``message``, or the start of a non-JSON body."""
+        try:
+            return self._message(json.loads(response.content))
+        except ValueError:
+            text = response.text.strip()[:200]
+            return self._redact(text) if text else None
+
+    def _message(self, payload: object) -> str | None:
+        text = server_text(payload)
+        return None if text is None else self._redact(text)
+
+    def _redact(self, text: str) -> str:
+        """Keep the key out of messages even if a server or proxy echoes it."""
+        return text.replace(self._api_key, "***") if self._api_key else text

@@ -1,0 +1,165 @@
+"""Bars from CSV files in ``data_dir``, loaded lazily per ticker and cached.
+
+A file is ``{TICKER}.{timespan}.csv`` (``I-SPX.minute.csv`` is ``I:SPX``) with columns
+``t,o,h,l,c,v[,vw,n]``. Rows served at their own timespan pass through unchanged, so an
+end-to-end test can compare stored values to the file value by value; coarser bars are
+aggregated once per (ticker, multiplier, timespan) and then selected with bisect.
+"""
+
+from __future__ import annotations
+
+import csv
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date
+from itertools import groupby
+from pathlib import Path
+
+from polygon_backfill.models import (
+    AssetClass,
+    Timespan,
+    asset_class,
+    home_zone,
+    session_date,
+    validate_ticker,
+)
+from polygon_backfill.sandbox.buckets import (
+    INTRADAY_MS,
+    ORDER,
+    Bar,
+    aggregate,
+    daily_bucket,
+    is_intraday,
+    local_midnight_ms,
+)
+
+_ROW_COUNT = {Timespan.MINUTE: 1, Timespan.HOUR: 60, Timespan.DAY: 1, Timespan.WEEK: 5}
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """Bars sorted by ``t`` with the base aggregates each one consumes (for ``limit``)."""
+
+    ts: list[int]
+    bars: list[Bar]
+    counts: list[int]
+
+    def select(self, lo: int, hi: int, descending: bool) -> Iterator[tuple[Bar, int]]:
+        """Bars with ``lo <= t <= hi`` in the requested order; O(bars taken)."""
+        first, stop = bisect_left(self.ts, lo), bisect_right(self.ts, hi)
+        order = range(stop - 1, first - 1, -1) if descending else range(first, stop)
+        for index in order:
+            yield self.bars[index], self.counts[index]
+
+
+def ticker_from_filename(name: str) -> tuple[str, Timespan] | None:
+    """``I-SPX.minute.csv`` -> ``("I:SPX", Timespan.MINUTE)``; None for other files."""
+    if not name.endswith(".csv") or name.count(".") < 2:
+        return None
+    stem, _, span = name[: -len(".csv")].rpartition(".")
+    if span not in Timespan.__members__.values():
+        return None
+    if len(stem) > 2 and stem[0] in "XCI" and stem[1] == "-":
+        stem = f"{stem[0]}:{stem[2:]}"
+    try:
+        return validate_ticker(stem), Timespan(span)
+    except ValueError:
+        return None
+
+
+def _parse_file(path: Path, with_volume: bool) -> list[Bar]:
+    """Rows as Polygon bars, keeping each number exactly as the CSV text parses."""
+    bars: list[Bar] = []
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            bar: Bar = {}
+            if with_volume:
+                bar["v"] = float(row["v"])
+                if row.get("vw"):
+                    bar["vw"] = float(row["vw"])
+            bar["o"] = float(row["o"])
+            bar["c"] = float(row["c"])
+            bar["h"] = float(row["h"])
+            bar["l"] = float(row["l"])
+            bar["t"] = int(row["t"])
+            if with_volume and row.get("n"):
+                bar["n"] = int(float(row["n"]))
+            bars.append(bar)
+    bars.sort(key=lambda bar: bar["t"])
+    return bars
+
+
+class Dataset:
+    """The CSV files of one directory, indexed at start and parsed on first use."""
+
+    def __init__(self, data_dir: Path | None) -> None:
+        self._files: dict[str, dict[Timespan, Path]] = {}
+        self._rows: dict[tuple[str, Timespan], list[Bar]] = {}
+        self._series: dict[tuple[str, int, Timespan], Series | None] = {}
+        if data_dir is not None:
+            for path in sorted(Path(data_dir).glob("*.csv")):
+                parsed = ticker_from_filename(path.name)
+                if parsed is not None:
+                    self._files.setdefault(parsed[0], {})[parsed[1]] = path
+
+    def tickers(self) -> list[str]:
+        """Every ticker that has at least one file."""
+        return sorted(self._files)
+
+    def series(self, ticker: str, multiplier: int, timespan: Timespan) -> Series | None:
+        """The bars for this request, or None when no file can build them."""
+        key = (ticker, multiplier, timespan)
+        if key not in self._series:
+            self._series[key] = self._build(ticker, multiplier, timespan)
+        return self._series[key]
+
+    def _base(self, ticker: str, timespan: Timespan) -> Timespan | None:
+        """The file to build from: the same timespan if present, else the finest that can."""
+        files = self._files.get(ticker, {})
+        if timespan in files:
+            return timespan
+        usable = [span for span in ORDER[: ORDER.index(timespan)] if span in files]
+        if is_intraday(timespan):
+            usable = [span for span in usable if is_intraday(span)]
+        return usable[0] if usable else None
+
+    def _rows_of(self, ticker: str, base: Timespan) -> list[Bar]:
+        key = (ticker, base)
+        if key not in self._rows:
+            with_volume = asset_class(ticker) is not AssetClass.INDEX
+            self._rows[key] = _parse_file(self._files[ticker][base], with_volume)
+        return self._rows[key]
+
+    def _build(self, ticker: str, multiplier: int, timespan: Timespan) -> Series | None:
+        base = self._base(ticker, timespan)
+        if base is None:
+            return None
+        rows = self._rows_of(ticker, base)
+        unit = _ROW_COUNT[base]
+        if base is timespan and multiplier == 1:
+            return Series([int(row["t"]) for row in rows], rows, [unit] * len(rows))
+        with_volume = asset_class(ticker) is not AssetClass.INDEX
+        zone = home_zone(ticker)
+        bars: list[Bar] = []
+        counts: list[int] = []
+        if is_intraday(timespan):
+            width = INTRADAY_MS[timespan] * multiplier
+            for start, group in groupby(rows, key=lambda row: int(row["t"]) // width * width):
+                members = list(group)
+                bars.append(aggregate(members, start, with_volume))
+                counts.append(unit * len(members))
+        else:
+            def bucket(row: Bar) -> date:
+                return daily_bucket(session_date(ticker, int(row["t"])), multiplier, timespan)
+
+            for first, group in groupby(rows, key=bucket):
+                members = list(group)
+                bars.append(aggregate(members, local_midnight_ms(first, zone), with_volume))
+                if is_intraday(base):
+                    days = {session_date(ticker, int(row["t"])) for row in members}
+                    counts.append(len(days))
+                else:
+                    counts.append(unit * len(members))
+        return Series([int(bar["t"]) for bar in bars], bars, counts)

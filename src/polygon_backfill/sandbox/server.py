@@ -1,0 +1,266 @@
+"""A local HTTP server that answers like Polygon's aggregates API, for tests and demos.
+
+It serves CSV files (exact values) and deterministic synthetic bars, pages by base
+aggregates with ``next_url`` like Polygon, and can be told to be slow, rate limited or
+strict about the API key, so every client failure path can be exercised offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from datetime import date, datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from polygon_backfill.models import (
+    NEW_YORK,
+    AssetClass,
+    Timespan,
+    asset_class,
+    datetime_to_ms,
+)
+from polygon_backfill.sandbox.buckets import Bar, local_midnight_ms
+from polygon_backfill.sandbox.config import RequestRecord, SandboxConfig
+from polygon_backfill.sandbox.dataset import Dataset
+from polygon_backfill.sandbox.query import AggsQuery, BadRequestError, encode_cursor, parse_aggs
+from polygon_backfill.sandbox.synthetic import SyntheticSource
+
+log = structlog.get_logger(__name__)
+
+RATE_LIMIT_ERROR = (
+    "You've exceeded the maximum requests per minute, please wait or upgrade your "
+    "subscription to continue. https://polygon.io/pricing"
+)
+_AGGS = "/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{from}/{to}"
+_GROUPED = "/v2/aggs/grouped/locale/us/market/stocks/{date}"
+
+Body = dict[str, Any]
+Answer = tuple[int, Body, int]
+
+
+def take_page(items: Iterable[tuple[Bar, int]], limit: int) -> tuple[list[Bar], int, int | None]:
+    """Bars until the next would push the base-aggregate count past ``limit`` (at least one).
+
+    Returns the bars, the base aggregates they consume, and the next bar's ``t`` (or None).
+    """
+    bars: list[Bar] = []
+    consumed = 0
+    for bar, count in items:
+        if bars and consumed + count > limit:
+            return bars, consumed, int(bar["t"])
+        bars.append(bar)
+        consumed += count
+    return bars, consumed, None
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _error(message: str, status: str = "ERROR") -> Body:
+    key = "message" if status == "NOT_FOUND" else "error"
+    return {"status": status, "request_id": _request_id(), key: message}
+
+
+class SandboxServer:
+    """The sandbox on ``host:port`` (port 0 picks a free one); ``base_url`` after start."""
+
+    def __init__(self, config: SandboxConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = config
+        self.host = host
+        self.port = port
+        self.base_url = ""
+        self.requests: list[RequestRecord] = []
+        self.rate_limited_count = 0
+        self._dataset = Dataset(config.data_dir)
+        self._synthetic = SyntheticSource(config.synthetic_start) if config.synthetic else None
+        self._monotonic: Callable[[], float] = config.monotonic or time.monotonic
+        self._window: deque[float] = deque()
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        """The aiohttp application (also usable with aiohttp's own test client)."""
+        app = web.Application()
+        app.router.add_get(_AGGS, self._handle_aggs)
+        app.router.add_get(_GROUPED, self._handle_grouped)
+        app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
+        return app
+
+    async def start(self) -> None:
+        """Bind and serve; afterwards ``base_url`` names the real port."""
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        host, port = runner.addresses[0][:2]
+        self.port = int(port)
+        shown = f"[{host}]" if ":" in str(host) else str(host)
+        self.base_url = f"http://{shown}:{self.port}"
+
+    async def stop(self) -> None:
+        """Close the listener and any open connections."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> SandboxServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()
+
+    # -- request pipeline: auth -> rate limit -> answer -> log -> latency ---------------
+
+    async def _handle_aggs(self, request: web.Request) -> web.Response:
+        return await self._serve(request, self._aggs)
+
+    async def _handle_grouped(self, request: web.Request) -> web.Response:
+        return await self._serve(request, self._grouped)
+
+    async def _handle_unknown(self, request: web.Request) -> web.Response:
+        return await self._serve(request, lambda _: (404, _error("Not found.", "NOT_FOUND"), 0))
+
+    async def _serve(self, request: web.Request,
+                     answer: Callable[[web.Request], Answer]) -> web.Response:
+        if not self._authorized(request):
+            status, body, results = 401, _error("Unknown API Key"), 0
+        elif not self._admit():
+            self.rate_limited_count += 1
+            status, body, results = 429, _error(RATE_LIMIT_ERROR), 0
+        else:
+            status, body, results = answer(request)
+        self.requests.append(RequestRecord(
+            path=request.path, params=dict(request.query), status=status,
+            ticker=request.match_info.get("ticker"), results=results,
+        ))
+        if self.config.latency_s > 0:
+            await asyncio.sleep(self.config.latency_s)
+        return web.Response(text=json.dumps(body, separators=(",", ":")), status=status,
+                            content_type="application/json")
+
+    def _authorized(self, request: web.Request) -> bool:
+        key = self.config.api_key
+        if key is None:
+            return True
+        return (request.headers.get("Authorization") == f"Bearer {key}"
+                or request.query.get("apiKey") == key)
+
+    def _admit(self) -> bool:
+        """Sliding window: at most ``rate_limit`` admitted requests per ``rate_period_s``."""
+        limit = self.config.rate_limit
+        if limit is None:
+            return True
+        now = self._monotonic()
+        while self._window and self._window[0] <= now - self.config.rate_period_s:
+            self._window.popleft()
+        if len(self._window) >= limit:
+            return False
+        self._window.append(now)
+        return True
+
+    def _now_ms(self) -> int:
+        return datetime_to_ms(self.config.current_time())
+
+    # -- endpoints ---------------------------------------------------------------------
+
+    def _aggs(self, request: web.Request) -> Answer:
+        try:
+            query = parse_aggs(request.match_info, request.query)
+        except BadRequestError as exc:
+            return 400, _error(str(exc)), 0
+        hi = min(query.hi, self._now_ms() - 1)
+        bars: list[Bar] = []
+        consumed, next_t = 0, None
+        if query.lo <= hi:
+            bars, consumed, next_t = take_page(self._select(query, query.lo, hi), query.limit)
+        body: Body = {"ticker": query.ticker, "queryCount": consumed,
+                      "resultsCount": len(bars), "adjusted": query.adjusted}
+        if bars:
+            body["results"] = bars
+        body.update(status="OK", request_id=_request_id(), count=len(bars))
+        if next_t is not None:
+            body["next_url"] = self._next_url(request, query, next_t)
+        return 200, body, len(bars)
+
+    def _select(self, query: AggsQuery, lo: int, hi: int) -> Iterator[tuple[Bar, int]]:
+        series = self._dataset.series(query.ticker, query.multiplier, query.timespan)
+        if series is not None:
+            return series.select(lo, hi, query.descending)
+        if self._synthetic is not None:
+            return self._synthetic.select(query.ticker, query.multiplier, query.timespan,
+                                          lo, hi, query.descending)
+        return iter(())
+
+    def _next_url(self, request: web.Request, query: AggsQuery, next_t: int) -> str:
+        """Polygon moves ``from`` to the next bar (``to`` when sorting descending)."""
+        match = request.match_info
+        start, end = (match["from"], str(next_t)) if query.descending else (
+            str(next_t), match["to"])
+        options = query.options()
+        params = "&".join(f"{key}={value}" for key, value in options.items())
+        return (f"{request.scheme}://{request.host}/v2/aggs/ticker/{query.ticker}/range/"
+                f"{query.multiplier}/{query.timespan.value}/{start}/{end}"
+                f"?cursor={encode_cursor(options)}&{params}")
+
+    def _grouped(self, request: web.Request) -> Answer:
+        """Every stock in ``data_dir`` with a bar that session, stamped 16:00 New York."""
+        try:
+            day = date.fromisoformat(request.match_info["date"])
+        except ValueError:
+            return 400, _error(f"Invalid date: '{request.match_info['date']}'."), 0
+        adjusted = request.query.get("adjusted", "true").lower() not in ("false", "0")
+        close_ms = datetime_to_ms(datetime(day.year, day.month, day.day, 16, tzinfo=NEW_YORK))
+        results: list[Bar] = []
+        if close_ms < self._now_ms():
+            start = local_midnight_ms(day, NEW_YORK)
+            end = local_midnight_ms(day + timedelta(days=1), NEW_YORK) - 1
+            for ticker in self._dataset.tickers():
+                if asset_class(ticker) is not AssetClass.STOCK:
+                    continue
+                series = self._dataset.series(ticker, 1, Timespan.DAY)
+                found = next(series.select(start, end, False), None) if series else None
+                if found is not None:
+                    results.append({"T": ticker, **found[0], "t": close_ms})
+        body: Body = {"queryCount": len(results), "resultsCount": len(results),
+                      "adjusted": adjusted}
+        if results:
+            body["results"] = results
+        body.update(status="OK", request_id=_request_id(), count=len(results))
+        return 200, body, len(results)
+
+
+def run_sandbox(config: SandboxConfig, host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM; prints the base URL once listening (for the CLI)."""
+    asyncio.run(_serve_until_signalled(config, host, port))
+
+
+async def _serve_until_signalled(config: SandboxConfig, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    async with SandboxServer(config, host, port) as server:
+        log.info("sandbox.started", base_url=server.base_url,
+                 message=f"Polygon sandbox listening on {server.base_url}")
+        print(f"Polygon sandbox listening on {server.base_url}", flush=True)
+        await stop.wait()
+        log.info("sandbox.stopped", requests=len(server.requests),
+                 rate_limited=server.rate_limited_count, message="Polygon sandbox stopped")

@@ -1,0 +1,43 @@
+"""Turn driver and OS failures into ``StorageError`` without leaking connection secrets."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from polygon_backfill.errors import StorageError
+
+# What can go wrong talking to PostgreSQL: the server said no, the driver or socket broke,
+# or we waited too long. Anything else is a bug and should surface unchanged.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+_MAX_REASON_CHARS = 500
+
+
+def redact(text: str, dsn: str | None) -> str:
+    """Remove the DSN and its password from ``text``: driver messages sometimes echo them."""
+    if not dsn:
+        return text
+    text = text.replace(dsn, "<database-url>")
+    try:
+        password = urlsplit(dsn).password
+    except ValueError:
+        password = None
+    if password:
+        text = text.replace(password, "***")
+    return text
+
+
+def storage_error(action: str, exc: BaseException, *, dsn: str | None = None) -> StorageError:
+    """A StorageError naming what we were doing and why it failed, minus any secret."""
+    # One line for the log; asyncpg appends PostgreSQL's DETAIL (the failing row) itself.
+    reason = " ".join(str(exc).split())[:_MAX_REASON_CHARS] or type(exc).__name__
+    sqlstate = getattr(exc, "sqlstate", None)
+    code = f" [SQLSTATE {sqlstate}]" if isinstance(sqlstate, str) else ""
+    return StorageError(redact(f"{action} failed: {type(exc).__name__}{code}: {reason}", dsn))
