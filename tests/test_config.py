@@ -65,3 +65,14 @@ def test_database_password_is_a_secret_and_never_in_repr() -> None:
     assert settings.secrets() == ["k3y-123", "pa55word"]
     assert "pa55word" not in repr(settings)
     assert "k3y-123" not in repr(settings)
+
+
+def test_overrides_keep_the_other_values_and_are_validated() -> None:
+    """with_overrides replaces the named fields only, and refuses bad values by name."""
+    settings = load_settings(tickers="AAPL,X:BTCUSD", timeframes="5m,1d")
+    changed = settings.with_overrides(polygon_base_url="http://127.0.0.1:8010/")
+    assert changed.polygon_base_url == "http://127.0.0.1:8010"
+    assert changed.tickers == ["AAPL", "X:BTCUSD"]
+    assert [tf.name for tf in changed.timeframes] == ["5m", "1d"]
+    with pytest.raises(ConfigError, match=r"^TIMEFRAMES: invalid timeframe '2y'"):
+        settings.with_overrides(timeframes="2y")

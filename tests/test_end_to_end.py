@@ -146,3 +146,39 @@ def test_cli_once_exits_cleanly_on_bad_configuration(tmp_path: Path,
     assert "TICKERS" in err
     assert "'../x'" in err
     assert len(err.strip().splitlines()) == 1
+
+
+async def test_stop_request_finishes_the_page_in_flight_and_leaves_consistent_coverage(
+        bar_store: BarStore, real_sandbox: SandboxServer) -> None:
+    """SIGTERM's path: the page being written commits, nothing after it starts, every stored
+    bar lies inside recorded coverage, and the next run completes the exact table."""
+    scheduler = AutoBackfillScheduler(
+        polygon_api_key="test-key", store=bar_store, polygon_base_url=real_sandbox.base_url,
+        tickers=["AAPL", "SPY"], timeframes=["1d"], backfill_start="2004-01-01",
+        page_limit=250, parallel_backfill=False)
+    original = bar_store.write_page
+    writes = 0
+
+    async def stop_after_third(*args: Any, **kwargs: Any) -> Any:
+        nonlocal writes
+        writes += 1
+        if writes == 3:
+            scheduler.request_stop()
+        return await original(*args, **kwargs)
+
+    bar_store.write_page = stop_after_third  # type: ignore[method-assign]
+    try:
+        summary = await scheduler.run_once()
+    finally:
+        await scheduler.polygon_client.aclose()
+        bar_store.write_page = original  # type: ignore[method-assign]
+    assert summary["stopped_early"] is True
+    assert writes == 3
+    assert summary["bars_written"] == 750
+    stored = await table_rows(bar_store, "AAPL", "1d")
+    assert stored == read_csv("AAPL.day.csv", "AAPL")[:750]
+    coverage = await bar_store.coverage("AAPL", Timeframe.parse("1d"))
+    assert all(any(r.start <= row[0] < r.end for r in coverage) for row in stored)
+    assert await bar_store.fetch_bars("SPY", Timeframe.parse("1d")) == []
+    await backfill(bar_store, real_sandbox)
+    await assert_table_equals_csv(bar_store)

@@ -10,6 +10,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from polygon_backfill.storage import open_database
 from polygon_backfill.summary import PairOutcome
 
 log = structlog.get_logger(__name__)
-console = Console()
+# Wide enough for the status table when stdout is a pipe or a journal, not a terminal.
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 SANDBOX_API_KEY = "sandbox-key"
 
@@ -77,7 +79,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace) -> Settings:
     settings = load_settings(**_overrides(args))
     if args.with_sandbox and not settings.polygon_api_key.get_secret_value():
-        settings = load_settings(**(_overrides(args) | {"polygon_api_key": SANDBOX_API_KEY}))
+        settings = settings.with_overrides(polygon_api_key=SANDBOX_API_KEY)
     if (not settings.polygon_api_key.get_secret_value()
             and settings.polygon_base_url == DEFAULT_BASE_URL):
         raise ConfigError("POLYGON_API_KEY: not set (put it in the environment or .env)")
@@ -120,8 +122,7 @@ async def _backfill(args: argparse.Namespace, settings: Settings, *, daemon: boo
         if args.with_sandbox:
             server = SandboxServer(SandboxConfig(data_dir=args.sandbox_data))
             await stack.enter_async_context(server)
-            settings = load_settings(**(settings.model_dump() | {"polygon_base_url":
-                                                                  server.base_url}))
+            settings = settings.with_overrides(polygon_base_url=server.base_url)
             console.print(f"Sandbox serving on {server.base_url}", highlight=False)
         scheduler = AutoBackfillScheduler(
             settings=settings, progress=None if daemon else _PrintedProgress())
@@ -139,23 +140,24 @@ async def _backfill(args: argparse.Namespace, settings: Settings, *, daemon: boo
     return 0
 
 
+def _utc(moment: datetime | None) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if moment else "-"
+
+
 async def _status(settings: Settings) -> int:
     url = settings.database_url
     async with open_database(url.get_secret_value() if url else None,
                              settings.embedded_pg_dir) as store:
         rows = await store.status()
-    table = Table(title="Backfill status")
+    table = Table(title="Backfill status (times in UTC)")
     for column in ("ticker", "timeframe", "bars", "first", "last", "last run", "last result"):
         table.add_column(column, justify="right" if column == "bars" else "left")
     for row in rows:
         result = row.last_result or "-"
         if row.last_error:
             result = f"[red]{row.last_error}[/]"
-        table.add_row(row.ticker, row.timeframe, str(row.bars),
-                      row.first.isoformat() if row.first else "-",
-                      row.last.isoformat() if row.last else "-",
-                      row.last_run_at.isoformat(timespec="seconds") if row.last_run_at else "-",
-                      result)
+        table.add_row(row.ticker, row.timeframe, str(row.bars), _utc(row.first), _utc(row.last),
+                      _utc(row.last_run_at), result)
     console.print(table)
     return 0
 

@@ -146,13 +146,25 @@ class Settings(BaseSettings):
                 found.append(password)
         return [secret for secret in found if secret]
 
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with some fields replaced and validated again; the environment is not
+        read a second time."""
+        try:
+            return type(self).model_validate(dict(self) | overrides)
+        except ValidationError as exc:
+            raise _config_error(exc) from None
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "settings"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return ConfigError(f"{field.upper()}: {message}")
+
 
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings, turning validation failures into one ConfigError naming the variable."""
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "settings"
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"{field.upper()}: {message}") from None
+        raise _config_error(exc) from None

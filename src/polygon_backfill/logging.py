@@ -92,5 +92,5 @@ def configure_logging(log_file: Path | None, level: str = "INFO",
     for handler in handlers:
         root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "apscheduler", "aiohttp.access", "asyncio"):
+    for noisy in ("httpx", "httpcore", "apscheduler", "aiohttp.access", "asyncio", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

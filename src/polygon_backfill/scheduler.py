@@ -69,7 +69,7 @@ class AutoBackfillScheduler:
         if settings is None:
             settings = load_settings(**given)
         elif given:
-            settings = load_settings(**(settings.model_dump() | given))
+            settings = settings.with_overrides(**given)
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self.progress = progress

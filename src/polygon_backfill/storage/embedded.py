@@ -7,6 +7,7 @@ pgserver counts handles across processes and stops the server when the last one 
 from __future__ import annotations
 
 import subprocess
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -31,11 +32,16 @@ class EmbeddedPostgres:
         if self._dsn is not None:
             return self._dsn
         # Imported here: pgserver pulls in platformdirs and psutil, which only this path needs.
-        import pgserver
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (systemd, CI): harmless here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pgserver
 
         try:
             self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-            server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
             dsn = server.get_uri()
         except (OSError, subprocess.SubprocessError, AssertionError, RuntimeError) as exc:
             raise StorageError(
