@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from polygon_backfill.models import Timeframe, TimeRange
-from polygon_backfill.planner import align_start, merge, missing_ranges, subtract
+from polygon_backfill.models import Timeframe, TimeRange, merge_ranges
+from polygon_backfill.planner import align_start, missing_ranges, subtract
 
 NOW = datetime(2026, 1, 9, 20, 0, tzinfo=UTC)
 DAY = Timeframe.parse("1d")
@@ -59,7 +59,7 @@ def test_an_earlier_start_is_filled_backwards() -> None:
 
 def test_merge_and_subtract_handle_touching_overlapping_and_disjoint_intervals() -> None:
     """Intervals join when they touch or overlap; subtraction leaves the exact rest."""
-    merged = merge([TimeRange(at(2026, 1, 3), at(2026, 1, 4)),
+    merged = merge_ranges([TimeRange(at(2026, 1, 3), at(2026, 1, 4)),
                     TimeRange(at(2026, 1, 1), at(2026, 1, 2)),
                     TimeRange(at(2026, 1, 2), at(2026, 1, 3, 12))])
     assert merged == [TimeRange(at(2026, 1, 1), at(2026, 1, 4))]

@@ -11,13 +11,12 @@ import asyncpg
 import pytest
 
 from polygon_backfill.errors import StorageError
-from polygon_backfill.models import Bar, Timeframe, TimeRange, datetime_to_ms
+from polygon_backfill.models import Bar, Timeframe, TimeRange, datetime_to_ms, merge_ranges
 from polygon_backfill.storage import (
     BarStore,
     PairStatus,
     StoredBar,
     WriteResult,
-    merge_ranges,
     migrate,
     open_database,
     schema_version,

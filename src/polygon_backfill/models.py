@@ -8,6 +8,7 @@ stocks and indices, UTC for crypto and forex), never by its raw timestamp.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -169,3 +170,15 @@ class TimeRange:
     @property
     def empty(self) -> bool:
         return self.end <= self.start
+
+
+def merge_ranges(ranges: Iterable[TimeRange]) -> list[TimeRange]:
+    """Sorted, merged intervals: overlapping or touching ranges join, empty ones vanish."""
+    merged: list[TimeRange] = []
+    for current in sorted((r for r in ranges if not r.empty), key=lambda r: (r.start, r.end)):
+        if merged and current.start <= merged[-1].end:
+            if current.end > merged[-1].end:
+                merged[-1] = TimeRange(merged[-1].start, current.end)
+        else:
+            merged.append(current)
+    return merged

@@ -16,6 +16,7 @@ from polygon_backfill.models import (
     Timeframe,
     TimeRange,
     datetime_to_ms,
+    merge_ranges,
     session_date,
     session_start,
 )
@@ -43,23 +44,11 @@ def align_start(ticker: str, timeframe: Timeframe, moment: datetime) -> datetime
     return datetime.fromtimestamp((ms - ms % step_ms) / 1000, tz=UTC)
 
 
-def merge(ranges: Iterable[TimeRange]) -> list[TimeRange]:
-    """Sort and join overlapping or touching intervals."""
-    merged: list[TimeRange] = []
-    for item in sorted((r for r in ranges if not r.empty), key=lambda r: r.start):
-        if merged and item.start <= merged[-1].end:
-            last = merged[-1]
-            merged[-1] = TimeRange(last.start, max(last.end, item.end))
-        else:
-            merged.append(item)
-    return merged
-
-
 def subtract(window: TimeRange, covered: Iterable[TimeRange]) -> list[TimeRange]:
     """The parts of ``window`` that no interval in ``covered`` contains."""
     missing: list[TimeRange] = []
     cursor = window.start
-    for item in merge(covered):
+    for item in merge_ranges(covered):
         if item.end <= cursor:
             continue
         if item.start >= window.end:

@@ -35,6 +35,8 @@ from polygon_backfill.sandbox.buckets import (
 )
 
 _ROW_COUNT = {Timespan.MINUTE: 1, Timespan.HOUR: 60, Timespan.DAY: 1, Timespan.WEEK: 5}
+_PRICE_FIELDS = frozenset("ohlc")
+_VOLUME_FIELDS = frozenset({"v", "vw", "n"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,27 @@ class Dataset:
         if key not in self._series:
             self._series[key] = self._build(ticker, multiplier, timespan)
         return self._series[key]
+
+    def override(self, ticker: str, timespan: Timespan, t: int, values: dict[str, float]) -> None:
+        """Change one file row's values from now on (a correction, as Polygon publishes them).
+
+        The row is replaced, never mutated, so answers already built keep their values;
+        cached aggregates of the ticker are dropped so coarser bars reflect the change.
+        """
+        if timespan not in self._files.get(ticker, {}):
+            raise LookupError(f"no {timespan.value} file for {ticker!r} in the dataset")
+        allowed = _PRICE_FIELDS | (
+            _VOLUME_FIELDS if asset_class(ticker) is not AssetClass.INDEX else frozenset())
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise ValueError(f"cannot override {unknown} of {ticker!r}; allowed: {sorted(allowed)}")
+        rows = self._rows_of(ticker, timespan)
+        index = bisect_left([int(row["t"]) for row in rows], t)
+        if index == len(rows) or int(rows[index]["t"]) != t:
+            raise LookupError(f"{ticker!r} has no {timespan.value} bar at t={t}")
+        clean = {key: int(value) if key == "n" else float(value) for key, value in values.items()}
+        rows[index] = {**rows[index], **clean}
+        self._series = {key: found for key, found in self._series.items() if key[0] != ticker}
 
     def _base(self, ticker: str, timespan: Timespan) -> Timespan | None:
         """The file to build from: the same timespan if present, else the finest that can."""

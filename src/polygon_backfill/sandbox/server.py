@@ -1,19 +1,18 @@
 """A local HTTP server that answers like Polygon's aggregates API, for tests and demos.
 
 It serves CSV files (exact values) and deterministic synthetic bars, pages by base
-aggregates with ``next_url`` like Polygon, and can be told to be slow, rate limited or
-strict about the API key, so every client failure path can be exercised offline.
+aggregates with ``next_url`` like Polygon, and can be told to be slow, rate limited,
+strict about the API key or faulty (``faults.py``), so every client failure path can be
+exercised offline through real HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import time
-import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from datetime import date, datetime, timedelta
 from types import TracebackType
@@ -32,15 +31,20 @@ from polygon_backfill.models import (
 from polygon_backfill.sandbox.buckets import Bar, local_midnight_ms
 from polygon_backfill.sandbox.config import RequestRecord, SandboxConfig
 from polygon_backfill.sandbox.dataset import Dataset
+from polygon_backfill.sandbox.fault_bodies import (
+    RATE_LIMIT_ERROR,
+    Reply,
+    error_body,
+    fault_reply,
+    json_reply,
+    request_id,
+)
+from polygon_backfill.sandbox.faults import FaultInjector, FaultKind, FaultRule, Target
 from polygon_backfill.sandbox.query import AggsQuery, BadRequestError, encode_cursor, parse_aggs
 from polygon_backfill.sandbox.synthetic import SyntheticSource
 
 log = structlog.get_logger(__name__)
 
-RATE_LIMIT_ERROR = (
-    "You've exceeded the maximum requests per minute, please wait or upgrade your "
-    "subscription to continue. https://polygon.io/pricing"
-)
 _AGGS = "/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{from}/{to}"
 _GROUPED = "/v2/aggs/grouped/locale/us/market/stocks/{date}"
 
@@ -63,15 +67,6 @@ def take_page(items: Iterable[tuple[Bar, int]], limit: int) -> tuple[list[Bar], 
     return bars, consumed, None
 
 
-def _request_id() -> str:
-    return uuid.uuid4().hex
-
-
-def _error(message: str, status: str = "ERROR") -> Body:
-    key = "message" if status == "NOT_FOUND" else "error"
-    return {"status": status, "request_id": _request_id(), key: message}
-
-
 class SandboxServer:
     """The sandbox on ``host:port`` (port 0 picks a free one); ``base_url`` after start."""
 
@@ -82,6 +77,9 @@ class SandboxServer:
         self.base_url = ""
         self.requests: list[RequestRecord] = []
         self.rate_limited_count = 0
+        self.faults_injected: Counter[str] = Counter()
+        self._faults = FaultInjector(config.faults, config.fault_seed)
+        self._stopping = asyncio.Event()
         self._dataset = Dataset(config.data_dir)
         self._synthetic = SyntheticSource(config.synthetic_start) if config.synthetic else None
         self._monotonic: Callable[[], float] = config.monotonic or time.monotonic
@@ -98,6 +96,7 @@ class SandboxServer:
 
     async def start(self) -> None:
         """Bind and serve; afterwards ``base_url`` names the real port."""
+        self._stopping.clear()
         runner = web.AppRunner(self.app(), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
@@ -113,7 +112,8 @@ class SandboxServer:
         self.base_url = f"http://{shown}:{self.port}"
 
     async def stop(self) -> None:
-        """Close the listener and any open connections."""
+        """Close the listener and any open connections; hung (TIMEOUT) requests end first."""
+        self._stopping.set()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -126,34 +126,87 @@ class SandboxServer:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.stop()
 
-    # -- request pipeline: auth -> rate limit -> answer -> log -> latency ---------------
+    def override_bar(self, ticker: str, timespan: str, t: int, **values: float) -> None:
+        """Serve other ``o/h/l/c/v/vw/n`` for one CSV row from now on (a correction).
 
-    async def _handle_aggs(self, request: web.Request) -> web.Response:
-        return await self._serve(request, self._aggs)
+        Passthrough and aggregated answers built from that row both change. Dataset
+        tickers only: synthetic bars are computed, not stored, so there is no row to edit.
+        """
+        if ticker not in self._dataset.tickers():
+            raise ValueError(f"override_bar supports dataset (CSV) tickers only, not {ticker!r}")
+        self._dataset.override(ticker, Timespan(timespan), t, values)
 
-    async def _handle_grouped(self, request: web.Request) -> web.Response:
-        return await self._serve(request, self._grouped)
+    # -- request pipeline: auth -> rate limit -> answer -> fault -> log -> latency -----
 
-    async def _handle_unknown(self, request: web.Request) -> web.Response:
-        return await self._serve(request, lambda _: (404, _error("Not found.", "NOT_FOUND"), 0))
+    async def _handle_aggs(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, self._aggs, grouped=False)
 
-    async def _serve(self, request: web.Request,
-                     answer: Callable[[web.Request], Answer]) -> web.Response:
+    async def _handle_grouped(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, self._grouped, grouped=True)
+
+    async def _handle_unknown(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, lambda _: (404, error_body("Not found.", "NOT_FOUND"), 0))
+
+    async def _serve(self, request: web.Request, answer: Callable[[web.Request], Answer],
+                     grouped: bool | None = None) -> web.StreamResponse:
+        """``grouped`` is None for routes that faults never touch."""
+        rule: FaultRule | None = None
         if not self._authorized(request):
-            status, body, results = 401, _error("Unknown API Key"), 0
+            reply = json_reply(401, error_body("Unknown API Key"))
         elif not self._admit():
             self.rate_limited_count += 1
-            status, body, results = 429, _error(RATE_LIMIT_ERROR), 0
+            reply = json_reply(429, error_body(RATE_LIMIT_ERROR))
         else:
             status, body, results = answer(request)
+            reply = json_reply(status, body, results)
+            if grouped is not None:
+                rule = self._pick_fault(request, grouped, status, body)
+            if rule is not None:
+                reply = fault_reply(rule, status, body, str(request.url),
+                                    self._query(request), results)
+                self.faults_injected[rule.kind.value] += 1
+        hangs = rule is not None and rule.kind is FaultKind.TIMEOUT
         self.requests.append(RequestRecord(
-            path=request.path, params=dict(request.query), status=status,
-            ticker=request.match_info.get("ticker"), results=results,
+            path=request.path, params=dict(request.query), status=0 if hangs else reply.status,
+            ticker=request.match_info.get("ticker"), results=0 if hangs else reply.results,
+            fault=rule.kind.value if rule is not None else None,
         ))
         if self.config.latency_s > 0:
             await asyncio.sleep(self.config.latency_s)
-        return web.Response(text=json.dumps(body, separators=(",", ":")), status=status,
-                            content_type="application/json")
+        if hangs and rule is not None:
+            return await self._hang(request, reply, rule.hang_s)
+        if rule is not None and rule.kind is FaultKind.CONNECTION_RESET:
+            return await _reset(request, reply)
+        return _response(reply)
+
+    def _pick_fault(self, request: web.Request, grouped: bool, status: int,
+                    body: Body) -> FaultRule | None:
+        match = request.match_info
+        return self._faults.pick(Target(
+            ticker=match.get("ticker"), timespan="day" if grouped else match.get("timespan"),
+            grouped=grouped, status=status, has_bars=bool(body.get("results")),
+            has_next="next_url" in body, first_page="cursor" not in request.query))
+
+    @staticmethod
+    def _query(request: web.Request) -> AggsQuery | None:
+        if "ticker" not in request.match_info:
+            return None
+        try:
+            return parse_aggs(request.match_info, request.query)
+        except BadRequestError:
+            return None
+
+    async def _hang(self, request: web.Request, reply: Reply,
+                    hang_s: float) -> web.StreamResponse:
+        """Say nothing until ``stop()`` (then drop the connection) or ``hang_s`` (then
+        answer late, which doubles as a latency spike)."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), hang_s)
+        except TimeoutError:
+            return _response(reply)
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError
 
     def _authorized(self, request: web.Request) -> bool:
         key = self.config.api_key
@@ -168,7 +221,8 @@ class SandboxServer:
         if limit is None:
             return True
         now = self._monotonic()
-        while self._window and self._window[0] <= now - self.config.rate_period_s:
+        period = self.config.rate_period_s - 1e-9  # tolerate float rounding at the boundary
+        while self._window and now - self._window[0] >= period:
             self._window.popleft()
         if len(self._window) >= limit:
             return False
@@ -184,7 +238,7 @@ class SandboxServer:
         try:
             query = parse_aggs(request.match_info, request.query)
         except BadRequestError as exc:
-            return 400, _error(str(exc)), 0
+            return 400, error_body(str(exc)), 0
         hi = min(query.hi, self._now_ms() - 1)
         bars: list[Bar] = []
         consumed, next_t = 0, None
@@ -194,7 +248,7 @@ class SandboxServer:
                       "resultsCount": len(bars), "adjusted": query.adjusted}
         if bars:
             body["results"] = bars
-        body.update(status="OK", request_id=_request_id(), count=len(bars))
+        body.update(status="OK", request_id=request_id(), count=len(bars))
         if next_t is not None:
             body["next_url"] = self._next_url(request, query, next_t)
         return 200, body, len(bars)
@@ -224,7 +278,7 @@ class SandboxServer:
         try:
             day = date.fromisoformat(request.match_info["date"])
         except ValueError:
-            return 400, _error(f"Invalid date: '{request.match_info['date']}'."), 0
+            return 400, error_body(f"Invalid date: '{request.match_info['date']}'."), 0
         adjusted = request.query.get("adjusted", "true").lower() not in ("false", "0")
         close_ms = datetime_to_ms(datetime(day.year, day.month, day.day, 16, tzinfo=NEW_YORK))
         results: list[Bar] = []
@@ -242,8 +296,26 @@ class SandboxServer:
                       "adjusted": adjusted}
         if results:
             body["results"] = results
-        body.update(status="OK", request_id=_request_id(), count=len(results))
+        body.update(status="OK", request_id=request_id(), count=len(results))
         return 200, body, len(results)
+
+
+def _response(reply: Reply) -> web.Response:
+    return web.Response(text=reply.text, status=reply.status, headers=reply.headers,
+                        content_type=reply.content_type)
+
+
+async def _reset(request: web.Request, reply: Reply) -> web.StreamResponse:
+    """Promise the whole body (Content-Length), send half, then drop the connection."""
+    data = reply.text.encode()
+    response = web.StreamResponse(status=reply.status, headers=reply.headers)
+    response.content_type = reply.content_type
+    response.content_length = len(data)
+    await response.prepare(request)
+    await response.write(data[: len(data) // 2])
+    if request.transport is not None:
+        request.transport.close()
+    return response
 
 
 def run_sandbox(config: SandboxConfig, host: str, port: int) -> None:

@@ -3,9 +3,9 @@
 from polygon_backfill.storage.bar_store import (
     BarStore,
     PairStatus,
+    ServiceState,
     StoredBar,
     WriteResult,
-    merge_ranges,
 )
 from polygon_backfill.storage.database import open_database
 from polygon_backfill.storage.embedded import EmbeddedPostgres
@@ -15,9 +15,9 @@ __all__ = [
     "BarStore",
     "EmbeddedPostgres",
     "PairStatus",
+    "ServiceState",
     "StoredBar",
     "WriteResult",
-    "merge_ranges",
     "migrate",
     "open_database",
     "schema_version",

@@ -6,13 +6,26 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from polygon_backfill.errors import StorageError
+from polygon_backfill.errors import StorageError, StorageUnavailableError
 
 # What can go wrong talking to PostgreSQL: the server said no, the driver or socket broke,
 # or we waited too long. Anything else is a bug and should surface unchanged.
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+# The server went away or is not accepting connections yet: a restart or an outage, not a
+# refusal of what we wrote. SQLSTATE class 08 (connection exception) and 57P01-57P03
+# (admin/crash shutdown, cannot connect now).
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
     OSError,
     TimeoutError,
 )
@@ -40,4 +53,5 @@ def storage_error(action: str, exc: BaseException, *, dsn: str | None = None) ->
     reason = " ".join(str(exc).split())[:_MAX_REASON_CHARS] or type(exc).__name__
     sqlstate = getattr(exc, "sqlstate", None)
     code = f" [SQLSTATE {sqlstate}]" if isinstance(sqlstate, str) else ""
-    return StorageError(redact(f"{action} failed: {type(exc).__name__}{code}: {reason}", dsn))
+    kind = StorageUnavailableError if isinstance(exc, _UNAVAILABLE) else StorageError
+    return kind(redact(f"{action} failed: {type(exc).__name__}{code}: {reason}", dsn))

@@ -8,7 +8,9 @@ it), so a range is never marked fetched unless its bars are stored, and vice ver
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Final
@@ -19,6 +21,7 @@ from polygon_backfill.models import (
     Bar,
     Timeframe,
     TimeRange,
+    merge_ranges,
     ms_to_datetime,
     session_date,
     session_start,
@@ -27,6 +30,8 @@ from polygon_backfill.storage._errors import DATABASE_ERRORS, storage_error
 from polygon_backfill.storage.schema import migrate
 
 _CLOSE_TIMEOUT_S: Final = 10.0
+# Held for a whole backfill pass: one pass at a time per database, across processes.
+_BACKFILL_LOCK_ID: Final = 0x706F6C79_6A6F6273  # "polyjobs"
 
 _STAGING_COLUMNS: Final = ("bar_time", "session_date", "open", "high", "low", "close",
                            "volume", "vwap", "trades")
@@ -105,6 +110,16 @@ LEFT JOIN pair_status AS s USING (ticker, timeframe)
 ORDER BY p.ticker, p.timeframe
 """
 
+_UPSERT_SERVICE_STATE: Final = """
+INSERT INTO service_state (name, state, detail, updated_at) VALUES ($1, $2, $3, $4)
+ON CONFLICT (name) DO UPDATE
+SET state = EXCLUDED.state, detail = EXCLUDED.detail, updated_at = EXCLUDED.updated_at
+"""
+
+_SELECT_SERVICE_STATES: Final = """
+SELECT name, state, detail, updated_at FROM service_state ORDER BY name
+"""
+
 _SELECT_BARS: Final = """
 SELECT bar_time, open, high, low, close, volume, vwap, trades FROM bars
 WHERE ticker = $1 AND timeframe = $2 ORDER BY bar_time
@@ -140,6 +155,16 @@ class PairStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceState:
+    """A process-wide state shown by ``status``, such as the API circuit breaker's."""
+
+    name: str
+    state: str
+    detail: str | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class StoredBar:
     """A bar as stored, under its canonical time."""
 
@@ -172,18 +197,6 @@ def _dedupe(ticker: str, timeframe: Timeframe, bars: Sequence[Bar]) -> list[_Row
             rows[key] = (key, None, bar.open, bar.high, bar.low, bar.close,
                          bar.volume, bar.vwap, bar.trades)
     return list(rows.values())
-
-
-def merge_ranges(ranges: Iterable[TimeRange]) -> list[TimeRange]:
-    """Sorted, merged intervals: overlapping or touching ranges join, empty ones vanish."""
-    merged: list[TimeRange] = []
-    for current in sorted((r for r in ranges if not r.empty), key=lambda r: (r.start, r.end)):
-        if merged and current.start <= merged[-1].end:
-            if current.end > merged[-1].end:
-                merged[-1] = TimeRange(merged[-1].start, current.end)
-        else:
-            merged.append(current)
-    return merged
 
 
 class BarStore:
@@ -292,3 +305,44 @@ class BarStore:
         except DATABASE_ERRORS as exc:
             raise storage_error(f"reading bars of {ticker} {timeframe}", exc) from exc
         return [StoredBar(*row) for row in rows]
+
+    @asynccontextmanager
+    async def backfill_lock(self, on_wait: Callable[[], None]) -> AsyncIterator[None]:
+        """Hold the database-wide backfill lock (a session advisory lock on a dedicated
+        connection) for one pass, so two daemons never backfill one database at once.
+        ``on_wait`` is called once when another holder makes us wait."""
+        try:
+            conn = await self._pool.acquire()
+        except DATABASE_ERRORS as exc:
+            raise storage_error("taking the backfill lock", exc) from exc
+        try:
+            try:
+                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _BACKFILL_LOCK_ID):
+                    on_wait()
+                    await conn.execute("SELECT pg_advisory_lock($1)", _BACKFILL_LOCK_ID)
+            except DATABASE_ERRORS as exc:
+                raise storage_error("taking the backfill lock", exc) from exc
+            try:
+                yield
+            finally:
+                with contextlib.suppress(*DATABASE_ERRORS):
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _BACKFILL_LOCK_ID)
+        finally:
+            await self._pool.release(conn)
+
+    async def record_service_state(self, name: str, state: str, detail: str | None,
+                                   at: datetime) -> None:
+        """Remember a process-wide state (e.g. ``circuit`` = ``open``) for ``status``."""
+        try:
+            await self._pool.execute(_UPSERT_SERVICE_STATE, name, state, detail, at)
+        except DATABASE_ERRORS as exc:
+            raise storage_error(f"recording the {name} state", exc) from exc
+
+    async def service_states(self) -> list[ServiceState]:
+        """Every recorded process-wide state, by name."""
+        try:
+            rows = await self._pool.fetch(_SELECT_SERVICE_STATES)
+        except DATABASE_ERRORS as exc:
+            raise storage_error("reading service states", exc) from exc
+        return [ServiceState(row["name"], row["state"], row["detail"], row["updated_at"])
+                for row in rows]

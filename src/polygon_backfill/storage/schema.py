@@ -12,6 +12,8 @@ keeps the primary-key B-tree fast whatever the server's locale):
   them are the holes a later run fills (pitfall 15), so this is a log of intervals, not a
   high-water mark.
 - ``pair_status``: the outcome of the last run per (ticker, timeframe), for ``status``.
+- ``service_state``: process-wide states worth showing in ``status`` (the API circuit
+  breaker), with the last error.
 """
 
 from __future__ import annotations
@@ -85,9 +87,19 @@ CREATE TABLE pair_status (
 );
 """
 
+_V2_SERVICE_STATE: Final = """
+CREATE TABLE service_state (
+    name       text COLLATE "C" PRIMARY KEY,
+    state      text NOT NULL,
+    detail     text,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
 # (version, name, sql); append only.
 MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (1, "initial bars, coverage and pair_status", _V1_INITIAL),
+    (2, "service_state", _V2_SERVICE_STATE),
 )
 
 
