@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import httpx
 import pytest
 import respx
 from structlog.testing import capture_logs
 
-from polygon_backfill.clients import PolygonClient
+from polygon_backfill.clients import AdaptiveRateLimiter, PolygonClient, RateLimit
 from polygon_backfill.errors import NotAuthorizedError, RateLimitedError
 from polygon_backfill.models import Timeframe
 from polygon_backfill.planner import SymbolWork
@@ -54,6 +57,76 @@ def _ok(*bars: dict[str, float | int], next_url: str | None = None) -> httpx.Res
 def _too_many(headers: dict[str, str] | None = None) -> httpx.Response:
     return httpx.Response(429, headers=headers, json={
         "status": "ERROR", "error": "You've exceeded the maximum requests per minute"})
+
+
+T = TypeVar("T")
+
+
+class EventClock:
+    """Event-ordered virtual time for whole-client runs: time moves only when every task is
+    idle, straight to the earliest sleeper's target, so a server stand-in sees requests at
+    the moments a real run would send them (FakeClock moves time as soon as any sleeper
+    wakes, even while others are still on their way to the server)."""
+
+    _IDLE_SPINS = 100
+
+    def __init__(self) -> None:
+        self._now = 0.0
+        self._order = itertools.count()
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self._now
+
+    def now(self) -> datetime:
+        return datetime(2026, 1, 5, 12, tzinfo=UTC)
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now + max(0.0, seconds), next(self._order), woken))
+        await woken
+
+    async def run(self, work: Awaitable[T]) -> T:
+        """Await ``work``, stepping time whenever nothing else can run."""
+        task = asyncio.ensure_future(work)
+        while not task.done():
+            for _ in range(self._IDLE_SPINS):
+                await asyncio.sleep(0)
+            if task.done() or not self._sleepers:
+                continue
+            self._now = max(self._now, self._sleepers[0][0])
+            while self._sleepers and self._sleepers[0][0] <= self._now:
+                heapq.heappop(self._sleepers)[2].set_result(None)
+        return task.result()
+
+
+class SlidingWindowServer:
+    """A Polygon stand-in that enforces N accepted requests per P s on a fake clock, as the
+    real API does, and answers 429 beyond that."""
+
+    def __init__(self, limit: RateLimit, clock: EventClock) -> None:
+        self._limit = limit
+        self._clock = clock
+        self.accepted: list[float] = []
+        self.refused = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        now = self._clock.monotonic()
+        recent = [t for t in self.accepted if t > now - self._limit.period_s]
+        if len(recent) >= self._limit.requests:
+            self.refused += 1
+            return _too_many()
+        self.accepted.append(now)
+        return _ok(_bar(1672722000000))
+
+
+async def _fetch_many(client: PolygonClient, clock: EventClock, count: int) -> list[int]:
+    """``count`` concurrent single-page ranges; the number of bars each returned."""
+    results = await clock.run(asyncio.gather(*(client.fetch_range("AAPL", DAY, START, END)
+                                               for _ in range(count))))
+    return [len(bars) for bars in results]
 
 
 class TestPhase3RetryOptimization:
@@ -164,6 +237,42 @@ class TestPhase3RetryOptimization:
         assert client.rate_limited_count == 2
 
 
+    @respx.mock
+    async def test_a_correctly_limited_client_never_sees_a_429(self) -> None:
+        """The free plan's 5/60 s on both sides: 12 concurrent ranges, zero 429s, in three
+        windows of 60 s (+1% margin)."""
+        clock = EventClock()
+        server = SlidingWindowServer(RateLimit.parse("free"), clock)
+        respx.get(AAPL_DAY_URL).mock(side_effect=server)
+        limiter = AdaptiveRateLimiter(RateLimit.parse("free"), clock=clock)
+        async with PolygonClient("test-key", BASE_URL, sleep=clock.sleep,
+                                 rate_limiter=limiter) as client:
+            assert await _fetch_many(client, clock, 12) == [1] * 12
+        assert (client.rate_limited_count, server.refused) == (0, 0)
+        assert client.total_requests == 12
+        assert clock.monotonic() == pytest.approx(2 * 60.6)
+
+    @respx.mock
+    async def test_a_misconfigured_limiter_adapts(self) -> None:
+        """Configured for 10/60 s against a 5/60 s server: the first 429 halves the limiter
+        to 5/60 s before the rest of the queue goes out; a later restore that probes 6/60 s
+        costs one more 429 and a cut to 3. Every range completes; no 429 storm."""
+        clock = EventClock()
+        server = SlidingWindowServer(RateLimit.parse("free"), clock)
+        respx.get(AAPL_DAY_URL).mock(side_effect=server)
+        limiter = AdaptiveRateLimiter(RateLimit.parse("10/60"), clock=clock)
+        with capture_logs() as logs:
+            async with PolygonClient("test-key", BASE_URL, sleep=clock.sleep,
+                                     rate_limiter=limiter) as client:
+                assert await _fetch_many(client, clock, 20) == [1] * 20
+        assert client.rate_limited_count == server.refused == 2
+        changes = [(entry["event"], entry["requests"]) for entry in logs
+                   if entry["event"].startswith("polygon.rate_")
+                   and entry["event"] != "polygon.rate_limited"]
+        assert changes == [("polygon.rate_reduced", 5), ("polygon.rate_restored", 6),
+                           ("polygon.rate_reduced", 3)]
+
+
 async def _synthetic_sandbox(now: datetime) -> SandboxServer:
     server = SandboxServer(SandboxConfig(synthetic=True, now=lambda: now))
     await server.start()
@@ -171,7 +280,7 @@ async def _synthetic_sandbox(now: datetime) -> SandboxServer:
 
 
 class _FailingTickerTransport(httpx.AsyncBaseTransport):
-    """Answers 403 NOT_AUTHORIZED for one ticker and forwards everything else for real."""
+    """Answers 500 for one ticker every time and forwards everything else for real."""
 
     def __init__(self, ticker: str) -> None:
         self._ticker = ticker
@@ -179,8 +288,8 @@ class _FailingTickerTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if f"/ticker/{self._ticker}/" in request.url.path:
-            return httpx.Response(403, json={"status": "NOT_AUTHORIZED",
-                                             "message": "Your plan doesn't include this data."})
+            return httpx.Response(500, json={"status": "ERROR",
+                                             "error": "Internal server error for this one"})
         return await self._real.handle_async_request(request)
 
     async def aclose(self) -> None:
@@ -253,10 +362,11 @@ class TestPhase3ParallelProcessing:
 
     async def test_one_failing_ticker_does_not_stop_the_others(
             self, bar_store: BarStore) -> None:
-        """A 403 for MSFT is reported with the server's words; every other ticker is written."""
+        """MSFT's 500s exhaust its retries and are reported with the server's words; every
+        other ticker is written."""
         summary, _, _ = await self._run(bar_store, transport=_FailingTickerTransport("MSFT"))
         assert list(summary["tickers_failed"]) == ["MSFT"]
-        assert "Your plan doesn't include this data." in summary["tickers_failed"]["MSFT"]
+        assert "Internal server error for this one" in summary["tickers_failed"]["MSFT"]
         assert summary["tickers_ok"] == [t for t in self.TICKERS if t != "MSFT"]
         statuses = {row.ticker: row for row in await bar_store.status()}
         assert statuses["MSFT"].bars == 0

@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -13,7 +14,14 @@ import pytest
 import respx
 from structlog.testing import capture_logs
 
-from polygon_backfill.clients import Page, PolygonClient, ServerError
+from polygon_backfill.clients import (
+    AdaptiveRateLimiter,
+    Page,
+    PolygonClient,
+    RateLimit,
+    ServerError,
+)
+from polygon_backfill.clients import polygon_client as client_module
 from polygon_backfill.errors import (
     AuthenticationError,
     MalformedResponseError,
@@ -23,6 +31,7 @@ from polygon_backfill.errors import (
     TransientPolygonError,
 )
 from polygon_backfill.models import Bar, Timeframe, TimeRange
+from tests.support import FakeClock
 
 BASE_URL = "https://api.test.polygon"
 KEY = "sk-SECRET-0123456789"
@@ -239,12 +248,13 @@ async def test_pages_cover_contiguous_spans(client: PolygonClient) -> None:
 
 @respx.mock
 async def test_repeated_next_url_is_a_pagination_error(client: PolygonClient) -> None:
-    """A next_url that repeats a page already followed raises PaginationError."""
+    """A next_url that leads back to a page already followed raises PaginationError: every
+    page must start after the one before, so no cycle can be followed."""
     loop = f"https://api.polygon.io{MIN_PATH}/{T0 + 60_000}/{LAST}?cursor=same"
     respx.get(f"{BASE_URL}{MIN_PATH}/{T0}/{LAST}").mock(return_value=ok(bar(T0), next_url=loop))
     repeat = respx.get(f"{BASE_URL}{MIN_PATH}/{T0 + 60_000}/{LAST}").mock(
         return_value=ok(bar(T0 + 60_000), next_url=loop))
-    with pytest.raises(PaginationError, match="repeated"):
+    with pytest.raises(PaginationError, match="does not advance"):
         await client.fetch_range("AAPL", MINUTE, START, END)
     assert repeat.call_count == 1
 
@@ -525,3 +535,83 @@ async def test_client_errors_are_not_retried(client: PolygonClient, sleep: Recor
     assert client.total_requests == 1
     assert sleep.waits == []
     assert (body.get("error") or body["message"]) in str(caught.value)
+
+
+# --- client-side rate limiter ---------------------------------------------------------------
+
+
+def too_many(headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.Response(429, headers=headers, json={"status": "ERROR", "error": "slow down"})
+
+
+@pytest.mark.parametrize("retry_after", [None, "7"], ids=["no-retry-after", "retry-after"])
+@respx.mock
+async def test_a_429_cuts_the_limiters_rate(retry_after: str | None) -> None:
+    """A 429 halves the shared limiter's rate; the retry contract stays 1 s or Retry-After."""
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(RateLimit(100, 1.0), clock=clock)
+    respx.get(f"{BASE_URL}{MIN_PATH}/{T0}/{LAST}").mock(side_effect=[
+        too_many(None if retry_after is None else {"Retry-After": retry_after}), ok(bar(T0))])
+    async with PolygonClient(KEY, BASE_URL, sleep=clock.sleep,
+                             rate_limiter=limiter) as polygon:
+        assert polygon.rate_limiter is limiter
+        with capture_logs() as events:
+            assert len(await polygon.fetch_range("AAPL", MINUTE, START, END)) == 1
+    assert limiter.current_rate == 50.0
+    assert "polygon.rate_reduced" in [event["event"] for event in events]
+    assert (polygon.rate_limited_count, polygon.total_requests) == (1, 2)
+    # One wait, never doubled: the limiter's hold is a deadline tenacity's wait already met.
+    assert clock.sleeps == [1.0 if retry_after is None else 7.0]
+    assert clock.monotonic() == (1.0 if retry_after is None else 7.0)
+
+
+@respx.mock
+async def test_api_seconds_exclude_limiter_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Time queued in the limiter is not API time: 3 requests at 1 per 60 s wait 121.2 s
+    of (virtual) time, none of it inside api_seconds."""
+    clock = FakeClock()
+    monkeypatch.setattr(client_module, "time", SimpleNamespace(monotonic=clock.monotonic))
+    limiter = AdaptiveRateLimiter(RateLimit(1, 60.0), clock=clock)
+    respx.get(url__startswith=BASE_URL).mock(return_value=ok())
+    async with PolygonClient(KEY, BASE_URL, sleep=clock.sleep, rate_limiter=limiter) as polygon:
+        for _ in range(3):
+            await polygon.fetch_range("AAPL", MINUTE, START, END)
+    assert clock.monotonic() == pytest.approx(121.2)
+    assert limiter.waited_s == pytest.approx(121.2)
+    assert polygon.api_seconds == 0.0
+
+
+@respx.mock
+async def test_null_results_on_a_trading_day_are_asked_again_before_believed(
+        sleep: RecordingSleep) -> None:
+    """Pitfall 4: results null for a span holding a session is retried; the bars arrive."""
+    client = PolygonClient(KEY, BASE_URL, sleep=sleep)
+    start, end = datetime(2023, 1, 3, 5, tzinfo=UTC), datetime(2023, 1, 5, 5, tzinfo=UTC)
+    route = respx.get(f"{BASE_URL}/v2/aggs/ticker/AAPL/range/1/day/2023-01-03/2023-01-04").mock(
+        side_effect=[httpx.Response(200, json={"status": "OK", "results": None}),
+                     httpx.Response(200, json={"status": "OK", "results": [
+                         {"o": 1, "h": 2, "l": 0.5, "c": 1.5, "v": 10, "t": 1672722000000}]})])
+    bars = await client.fetch_range("AAPL", Timeframe.parse("1d"), start, end)
+    await client.aclose()
+    assert [bar.t for bar in bars] == [1672722000000]
+    assert route.call_count == 2
+    assert sleep.waits == [1]
+
+
+@respx.mock
+async def test_a_missing_results_key_or_a_weekend_null_is_believed_at_once(
+        sleep: RecordingSleep) -> None:
+    """No results key is Polygon's plain 'no data'; null over a weekend holds no session."""
+    client = PolygonClient(KEY, BASE_URL, sleep=sleep)
+    weekday = respx.get(f"{BASE_URL}/v2/aggs/ticker/AAPL/range/1/day/2023-01-03/2023-01-04").mock(
+        return_value=httpx.Response(200, json={"status": "OK", "resultsCount": 0}))
+    weekend = respx.get(f"{BASE_URL}/v2/aggs/ticker/AAPL/range/1/day/2023-01-07/2023-01-08").mock(
+        return_value=httpx.Response(200, json={"status": "OK", "results": None}))
+    day = Timeframe.parse("1d")
+    assert await client.fetch_range("AAPL", day, datetime(2023, 1, 3, 5, tzinfo=UTC),
+                                    datetime(2023, 1, 5, 5, tzinfo=UTC)) == []
+    assert await client.fetch_range("AAPL", day, datetime(2023, 1, 7, 5, tzinfo=UTC),
+                                    datetime(2023, 1, 9, 5, tzinfo=UTC)) == []
+    await client.aclose()
+    assert (weekday.call_count, weekend.call_count) == (1, 1)
+    assert sleep.waits == []

@@ -114,6 +114,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_row("tickers ok", ", ".join(summary["tickers_ok"]) or "-")
     for ticker, error in summary["tickers_failed"].items():
         table.add_row(f"[red]{ticker} failed[/]", error)
+    for pair, reason in summary["pairs_skipped"].items():
+        table.add_row(f"[yellow]{pair} skipped[/]", reason)
     console.print(table)
 
 
@@ -149,6 +151,7 @@ async def _status(settings: Settings) -> int:
     async with open_database(url.get_secret_value() if url else None,
                              settings.embedded_pg_dir) as store:
         rows = await store.status()
+        states = await store.service_states()
     table = Table(title="Backfill status (times in UTC)")
     for column in ("ticker", "timeframe", "bars", "first", "last", "last run", "last result"):
         table.add_column(column, justify="right" if column == "bars" else "left")
@@ -159,6 +162,11 @@ async def _status(settings: Settings) -> int:
         table.add_row(row.ticker, row.timeframe, str(row.bars), _utc(row.first), _utc(row.last),
                       _utc(row.last_run_at), result)
     console.print(table)
+    for state in states:
+        colour = "green" if state.state == "closed" else "red"
+        detail = f" (last error: {state.detail})" if state.detail else ""
+        console.print(f"API {state.name}: [{colour}]{state.state}[/] since "
+                      f"{_utc(state.updated_at)}{detail}", highlight=False)
     return 0
 
 

@@ -16,6 +16,7 @@ from apscheduler.triggers.cron import CronTrigger
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from polygon_backfill.clients.rate_limiter import RateLimit
 from polygon_backfill.errors import ConfigError
 from polygon_backfill.models import Timeframe, validate_ticker
 
@@ -57,6 +58,11 @@ class Settings(BaseSettings):
     schedule_timezone: str = "America/New_York"
     run_on_start: bool = True
 
+    rate_limit: str = "paid"
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_cooldown_seconds: float = Field(default=60.0, gt=0)
+    db_retry_attempts: int = Field(default=8, ge=1, le=50)
+
     http_timeout_seconds: float = Field(default=30.0, gt=0)
     retry_attempts: int = Field(default=5, ge=1, le=20)
     retry_max_wait_seconds: float = Field(default=300.0, gt=0)
@@ -96,6 +102,12 @@ class Settings(BaseSettings):
                 raise ValueError("no timeframes given")
             return list(dict.fromkeys(parsed))
         return items
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        RateLimit.parse(value)
+        return value.strip().lower()
 
     @field_validator("polygon_base_url")
     @classmethod

@@ -5,12 +5,15 @@
     ├── PolygonError                   the API could not give us a range
     │   ├── TransientPolygonError      worth retrying: 429, 5xx, timeout, connection, bad body
     │   │   ├── RateLimitedError       429; carries ``retry_after_s`` when the server sent it
-    │   │   └── MalformedResponseError the body is not a well-formed aggregates answer
+    │   │   ├── MalformedResponseError the body is not a well-formed aggregates answer
+    │   │   ├── SuspectEmptyError      no bars for a span holding a whole session (pitfall 4)
+    │   │   └── CircuitOpenError       the API kept failing; calls paused for a cool-down
     │   ├── PolygonClientError         400/401/403/404: the request itself is wrong; not retried
     │   │   ├── AuthenticationError    401: the key was rejected
     │   │   └── NotAuthorizedError     403 / NOT_AUTHORIZED: outside the plan
     │   └── PaginationError            ``next_url`` looped or the page cap was hit
     └── StorageError                   PostgreSQL refused or lost a write
+        └── StorageUnavailableError    PostgreSQL unreachable or restarting; worth retrying
 
 Messages never contain the API key or the database password.
 """
@@ -69,6 +72,24 @@ class MalformedResponseError(TransientPolygonError):
     """Truncated or invalid JSON, or a body that is not an aggregates answer: never 'no data'."""
 
 
+class CircuitOpenError(TransientPolygonError):
+    """The circuit breaker is open (or probing): no request was sent.
+
+    ``retry_in_s`` is how long until the next probe may go (0 while a probe is in flight);
+    ``last_error`` is the failure that opened it.
+    """
+
+    def __init__(self, message: str, *, retry_in_s: float = 0.0,
+                 last_error: str | None = None, **context: object):
+        self.retry_in_s = retry_in_s
+        self.last_error = last_error
+        super().__init__(message, **context)  # type: ignore[arg-type]
+
+
+class SuspectEmptyError(TransientPolygonError):
+    """An empty answer where a liquid ticker must have bars; asked again before believed."""
+
+
 class PolygonClientError(PolygonError):
     """The API refused the request as such (400/401/403/404); retrying cannot help."""
 
@@ -87,3 +108,7 @@ class PaginationError(PolygonError):
 
 class StorageError(BackfillError):
     """PostgreSQL could not complete a write."""
+
+
+class StorageUnavailableError(StorageError):
+    """PostgreSQL is unreachable or restarting; the write is worth retrying after a wait."""

@@ -20,11 +20,24 @@ from zoneinfo import ZoneInfo
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from polygon_backfill.clients import Page, PolygonClient
+from polygon_backfill.clients.circuit_breaker import CircuitBreaker
+from polygon_backfill.clients.rate_limiter import AdaptiveRateLimiter, RateLimit
 from polygon_backfill.clock import Clock, SystemClock
 from polygon_backfill.config import Settings, load_settings
-from polygon_backfill.errors import AuthenticationError
+from polygon_backfill.errors import (
+    AuthenticationError,
+    PolygonClientError,
+    StorageUnavailableError,
+)
 from polygon_backfill.models import Timeframe, TimeRange
 from polygon_backfill.planner import SymbolWork, missing_ranges
 from polygon_backfill.storage import BarStore, WriteResult, open_database
@@ -83,12 +96,18 @@ class AutoBackfillScheduler:
             max_pages=settings.max_pages,
             adjusted=settings.adjusted,
             sleep=self.clock.sleep,
+            rate_limiter=AdaptiveRateLimiter(RateLimit.parse(settings.rate_limit),
+                                             clock=self.clock),
+            circuit_breaker=CircuitBreaker(
+                failure_threshold=settings.circuit_failure_threshold,
+                cooldown_s=settings.circuit_cooldown_seconds, clock=self.clock,
+                on_change=self._circuit_changed),
         )
         self._store = store
         self._exit_stack = AsyncExitStack()
         self._job_lock = asyncio.Lock()
         self._stop_requested = asyncio.Event()
-        self._pending_writes: set[asyncio.Task[WriteResult]] = set()
+        self._pending_writes: set[asyncio.Task[Any]] = set()
         self._current_job: asyncio.Task[Any] | None = None
         self.fatal_error: BaseException | None = None
 
@@ -195,11 +214,21 @@ class AutoBackfillScheduler:
         except Exception:
             log.exception("backfill.job_crashed", message="Backfill job failed unexpectedly")
 
+    def _circuit_changed(self, state: str, last_error: str | None) -> None:
+        """Persist the breaker's state for ``status``; the callback is sync, the write not."""
+        if self._store is None:
+            return
+        task = asyncio.ensure_future(self._store.record_service_state(
+            "circuit", state, last_error, self.clock.now()))
+        self._pending_writes.add(task)
+        task.add_done_callback(self._pending_writes.discard)
+        task.add_done_callback(_log_failed_state_write)
+
     # -- the job -------------------------------------------------------------------------
 
     async def _backfill_job(self) -> dict[str, Any]:
         """Plan, backfill every ticker, log and return the run's summary."""
-        async with self._job_lock:
+        async with self._job_lock, self.store.backfill_lock(on_wait=_log_lock_wait):
             started = self.clock.monotonic()
             requests_before = self.polygon_client.total_requests
             limited_before = self.polygon_client.rate_limited_count
@@ -321,8 +350,17 @@ class AutoBackfillScheduler:
                         outcome.rejected += page.rejected
                         if self._stop_requested.is_set():
                             break
-        except AuthenticationError:
+        except AuthenticationError as exc:
+            # Every other request would be refused the same way: stop the whole run now.
+            outcome.ok, outcome.error = False, str(exc)
+            self.fatal_error = exc
+            self.request_stop()
             raise
+        except PolygonClientError as exc:  # 403 outside the plan, 404 unknown ticker, 400
+            outcome.ok, outcome.skipped, outcome.error = False, True, str(exc)
+            log.warning("backfill.pair_skipped", message=f"Skipping {ticker} {timeframe} for "
+                        f"this run: {exc}", ticker=ticker, timeframe=timeframe.name,
+                        status_code=exc.status_code)
         except Exception as exc:  # one pair's failure must not stop the others
             outcome.ok, outcome.error = False, str(exc)
             log.error("backfill.pair_failed", message=f"Backfill of {ticker} {timeframe} failed: "
@@ -338,12 +376,40 @@ class AutoBackfillScheduler:
                       f"{ticker} {timeframe}: {exc}", ticker=ticker, timeframe=timeframe.name)
 
     async def _write(self, ticker: str, timeframe: Timeframe, page: Page) -> WriteResult:
-        """Write one page and its coverage; shielded so a shutdown never cuts it in half."""
-        task = asyncio.ensure_future(
-            self.store.write_page(ticker, timeframe, page.bars, page.covered))
-        self._pending_writes.add(task)
-        task.add_done_callback(self._pending_writes.discard)
-        result = await asyncio.shield(task)
+        """Write one page and its coverage, retrying while PostgreSQL is unreachable or
+        restarting (the page is kept in memory meanwhile). Shielded, so a shutdown never
+        cuts a write in half; coverage is only recorded with the committed bars."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(StorageUnavailableError),
+            stop=stop_after_attempt(self.settings.db_retry_attempts),
+            wait=wait_exponential(multiplier=1, min=1, max=30),
+            sleep=self.clock.sleep, before_sleep=_log_db_retry, reraise=True)
+        async for attempt in retrying:
+            with attempt:
+                task = asyncio.ensure_future(
+                    self.store.write_page(ticker, timeframe, page.bars, page.covered))
+                self._pending_writes.add(task)
+                task.add_done_callback(self._pending_writes.discard)
+                result: WriteResult = await asyncio.shield(task)
         log.debug("backfill.page_written", ticker=ticker, timeframe=timeframe.name,
                   bars=len(page.bars), inserted=result.inserted, updated=result.updated)
         return result
+
+
+def _log_lock_wait() -> None:
+    log.warning("backfill.lock_wait", message="Another polygon-backfill is running a backfill "
+                "on this database; waiting for it to finish")
+
+
+def _log_db_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.warning("storage.retrying", message=f"Database unavailable, retrying the write in "
+                f"{wait:.0f} s (attempt {state.attempt_number}): {error}",
+                attempt=state.attempt_number, wait_s=wait)
+
+
+def _log_failed_state_write(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("storage.state_not_saved",
+                    message=f"Could not save the circuit state: {task.exception()}")

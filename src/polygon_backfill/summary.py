@@ -19,6 +19,7 @@ class PairOutcome:
     updated: int = 0
     rejected: int = 0
     error: str | None = None
+    skipped: bool = False
 
 
 @dataclass(slots=True)
@@ -31,7 +32,8 @@ class TickerResult:
 
     @property
     def ok(self) -> bool:
-        return all(pair.ok for pair in self.pairs)
+        """Skipped pairs (outside the plan, unknown ticker) do not make a ticker fail."""
+        return all(pair.ok or pair.skipped for pair in self.pairs)
 
     @property
     def bars_written(self) -> int:
@@ -39,7 +41,8 @@ class TickerResult:
 
     @property
     def error(self) -> str | None:
-        errors = [f"{pair.timeframe}: {pair.error}" for pair in self.pairs if pair.error]
+        errors = [f"{pair.timeframe}: {pair.error}" for pair in self.pairs
+                  if pair.error and not pair.skipped]
         return "; ".join(errors) or None
 
 
@@ -49,6 +52,7 @@ class BackfillSummary:
 
     tickers_ok: list[str]
     tickers_failed: dict[str, str]
+    pairs_skipped: dict[str, str]
     bars_inserted: int
     bars_updated: int
     bars_rejected: int
@@ -70,6 +74,8 @@ class BackfillSummary:
             tickers_ok=[ticker for ticker, result in results.items() if result.ok],
             tickers_failed={ticker: result.error or "failed"
                             for ticker, result in results.items() if not result.ok},
+            pairs_skipped={f"{pair.ticker} {pair.timeframe}": pair.error or "skipped"
+                           for pair in pairs if pair.skipped},
             bars_inserted=sum(pair.inserted for pair in pairs),
             bars_updated=sum(pair.updated for pair in pairs),
             bars_rejected=sum(pair.rejected for pair in pairs),

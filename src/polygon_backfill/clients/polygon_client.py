@@ -3,8 +3,14 @@
 A range is fetched as a chain of pages. Each page is retried on its own (tenacity, 5
 attempts, waits 1, 2, 4, 8 s or the server's ``Retry-After``), so a 429 storm mid-range
 resumes from the page that failed (pitfall 2). ``next_url`` is followed on our own base URL
-only; a full page without ``next_url`` is continued by hand (pitfall 1); a repeated cursor
-or too many pages is a :class:`PaginationError` (pitfall 14).
+only; a full page without ``next_url`` is continued by hand (pitfall 1); a ``next_url`` that
+does not start after the page it follows (a loop: Polygon's cursor itself repeats on every
+page, only the ``from`` segment moves) or too many pages is a :class:`PaginationError`
+(pitfall 14).
+
+Optional guards, shared by every task of the process: an :class:`AdaptiveRateLimiter` paces
+request starts under the plan's limit and adapts to 429s; a :class:`CircuitBreaker` stops
+calling an API that keeps failing. Without them the client calls as fast as it is asked.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from tenacity import (
 )
 
 from polygon_backfill.clients import _urls
+from polygon_backfill.clients.circuit_breaker import CircuitBreaker
+from polygon_backfill.clients.rate_limiter import AdaptiveRateLimiter
 from polygon_backfill.clients.responses import (
     NOT_AUTHORIZED,
     SUCCESS_STATUSES,
@@ -43,15 +51,18 @@ from polygon_backfill.clients.responses import (
 )
 from polygon_backfill.errors import (
     AuthenticationError,
+    CircuitOpenError,
     MalformedResponseError,
     NotAuthorizedError,
     PaginationError,
     PolygonClientError,
     PolygonError,
     RateLimitedError,
+    SuspectEmptyError,
     TransientPolygonError,
 )
 from polygon_backfill.models import Bar, Timeframe, TimeRange, datetime_to_ms, validate_ticker
+from polygon_backfill.sessions import holds_full_session
 
 log = structlog.get_logger(__name__)
 
@@ -128,6 +139,8 @@ class PolygonClient:
         adjusted: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Sleep = asyncio.sleep,
+        rate_limiter: AdaptiveRateLimiter | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
     ) -> None:
         if max_attempts < 1 or max_pages < 1 or not 1 <= page_limit <= 50_000:
             raise ValueError("max_attempts and max_pages must be >= 1, page_limit 1..50000")
@@ -139,6 +152,8 @@ class PolygonClient:
         self._adjusted = adjusted
         self._timeout_s = timeout_s
         self._sleep = sleep
+        self._limiter = rate_limiter
+        self._breaker = circuit_breaker
         self._backoff = wait_exponential(multiplier=1, min=1, max=max_wait_s)
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
@@ -154,6 +169,16 @@ class PolygonClient:
         self.total_requests = 0
         self.rate_limited_count = 0
         self.api_seconds = 0.0
+
+    @property
+    def rate_limiter(self) -> AdaptiveRateLimiter | None:
+        """The shared limiter every attempt waits on, or None for no client-side limit."""
+        return self._limiter
+
+    @property
+    def circuit_breaker(self) -> CircuitBreaker | None:
+        """The breaker every attempt asks first, or None."""
+        return self._breaker
 
     async def __aenter__(self) -> Self:
         return self
@@ -185,10 +210,10 @@ class PolygonClient:
         in_range = _urls.range_filter(ticker, timeframe, start, end)
         request: _Request | None = _Request(
             _urls.aggs_path(ticker, timeframe, from_, to), self._params(), start)
-        seen: set[str] = set()
         pages = 0
         while request is not None:
-            self._check_new(request, seen, pages, job)
+            if pages >= self._max_pages:
+                raise PaginationError(f"page cap of {self._max_pages} reached", **job.context)
             pages += 1
             answer = await self._fetch_page(request, job)
             raws = answer.results or []
@@ -217,20 +242,6 @@ class PolygonClient:
         return {"adjusted": "true" if self._adjusted else "false", "sort": "asc",
                 "limit": str(self._page_limit)}
 
-    def _check_new(self, request: _Request, seen: set[str], pages: int, job: _Job) -> None:
-        """Refuse a loop (the same page URL twice) and a page beyond the cap.
-
-        The cursor alone does not identify a page: Polygon's cursor encodes only the query
-        options (``limit=10&sort=asc``) and repeats on every page; the ``from`` segment moves.
-        """
-        if request.key in seen:
-            raise PaginationError(
-                f"next_url repeated a page already fetched after {pages} page(s)",
-                **job.context)
-        if pages >= self._max_pages:
-            raise PaginationError(f"page cap of {self._max_pages} reached", **job.context)
-        seen.add(request.key)
-
     def _next_request(self, answer: AggregatesResponse, request: _Request, to: str,
                       job: _Job) -> _Request | None:
         """The page after this one: ``next_url`` on our base URL, or a hand-made
@@ -243,10 +254,14 @@ class PolygonClient:
             except ValueError as exc:
                 raise PaginationError(str(exc), **job.context) from None
             starts = _urls.from_of(url, job.ticker)
-            if starts is None:
-                starts = (request.covers_from if last_t is None
-                          else _urls.exact_datetime(last_t + 1))
-            return _Request(url, None, max(starts, request.covers_from))
+            if starts is None and last_t is not None:
+                starts = _urls.exact_datetime(last_t + 1)
+            if starts is None or starts <= request.covers_from:
+                # Following it could only fetch this page again: a loop (pitfall 14). The
+                # page is not yielded, so no coverage is recorded for what it claims.
+                raise PaginationError("next_url does not advance past the page it follows",
+                                      **job.context)
+            return _Request(url, None, starts)
         counts = (answer.results_count, answer.query_count)
         if not any(count is not None and count >= self._page_limit for count in counts):
             return None
@@ -273,7 +288,14 @@ class PolygonClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._attempt(request, job)
+                    answer = await self._attempt(request, job)
+                    last_try = attempt.retry_state.attempt_number >= self._max_attempts
+                    if (answer.results_null and not last_try
+                            and self._expects_bars(request, job)):
+                        raise SuspectEmptyError(
+                            "results: null for a span holding a whole trading session",
+                            **job.context)
+                    return answer
         except RateLimitedError:
             log.warning(
                 "polygon.rate_limited",
@@ -282,6 +304,13 @@ class PolygonClient:
                 **job.context, attempt=self._max_attempts, wait_s=None)
             raise
         raise AssertionError("tenacity ended without a result")  # pragma: no cover
+
+    @staticmethod
+    def _expects_bars(request: _Request, job: _Job) -> bool:
+        """Pitfall 4: ``results: null`` for a liquid ticker on a trading day happens under
+        load; such an answer is asked again before it is believed. A body without a
+        ``results`` key is Polygon's ordinary "no data" and is believed at once."""
+        return holds_full_session(job.ticker, request.covers_from, job.span.end)
 
     def _wait(self, state: RetryCallState) -> float:
         """Retry-After when the server sent one (capped), else exponential 1, 2, 4, 8 s."""
@@ -310,7 +339,59 @@ class PolygonClient:
                         reason=str(error), **fields)
 
     async def _attempt(self, request: _Request, job: _Job) -> AggregatesResponse:
-        """One HTTP request, with transport failures mapped into the error tree."""
+        """One attempt: ask the breaker, wait for the limiter, send, and report the outcome.
+
+        A 429's Retry-After is both the limiter's hold (an absolute deadline, so every task
+        waits) and tenacity's wait for this task; as the deadline is absolute, the second
+        wait finds it passed and the two never add up, provided ``sleep`` and the limiter's
+        clock tell the same time (both real in production).
+        """
+        self._ask_breaker(job)
+        try:
+            if self._limiter is not None:
+                await self._limiter.acquire()
+            answer = await self._send(request, job)
+        except RateLimitedError as exc:
+            if self._limiter is not None:
+                self._limiter.on_rate_limited(exc.retry_after_s)
+            self._breaker_answered()
+            raise
+        except TransientPolygonError as exc:
+            if self._breaker is not None:
+                self._breaker.record_failure(exc)
+            raise
+        except PolygonClientError:
+            self._breaker_answered()  # a 4xx is the API answering, not an outage
+            raise
+        except BaseException:  # cancelled, or a request httpx could not even build
+            if self._breaker is not None:
+                self._breaker.release()
+            raise
+        if self._limiter is not None:
+            self._limiter.on_success()
+        self._breaker_answered()
+        return answer
+
+    def _ask_breaker(self, job: _Job) -> None:
+        """Fail fast while the circuit is open; the error names the ticker like any other."""
+        if self._breaker is None:
+            return
+        try:
+            self._breaker.before_call()
+        except CircuitOpenError as exc:
+            raise CircuitOpenError(str(exc), retry_in_s=exc.retry_in_s,
+                                   last_error=exc.last_error, **job.context) from None
+
+    def _breaker_answered(self) -> None:
+        """The API answered (2xx, 4xx or 429): not an outage, whatever the answer said."""
+        if self._breaker is not None:
+            self._breaker.record_success()
+
+    async def _send(self, request: _Request, job: _Job) -> AggregatesResponse:
+        """One HTTP request, with transport failures mapped into the error tree.
+
+        ``api_seconds`` is measured here, so time spent waiting in the limiter is not in it.
+        """
         self.total_requests += 1
         started = time.monotonic()
         try:

@@ -67,6 +67,11 @@ class AggregatesResponse(BaseModel):
     results: list[RawBar] | None = None
     next_url: str | None = None
 
+    @property
+    def results_null(self) -> bool:
+        """``"results": null`` written out, as opposed to the key being absent."""
+        return self.results is None and "results" in self.model_fields_set
+
 
 class GroupedDailyResponse(BaseModel):
     """The top level of ``/v2/aggs/grouped/locale/us/market/stocks/{date}``."""
