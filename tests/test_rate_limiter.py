@@ -174,7 +174,8 @@ async def test_a_huge_retry_after_is_capped() -> None:
 async def test_successes_restore_gradually_never_above_the_limit() -> None:
     """10 successes in a row, a period apart from the last change, give back 10% each time."""
     clock = FakeClock()
-    limiter = AdaptiveRateLimiter(RateLimit(100, 1.0), clock=clock, restore_after=10)
+    limiter = AdaptiveRateLimiter(RateLimit(100, 1.0), clock=clock, restore_after=10,
+                                  restore_every_periods=1)
     limiter.on_rate_limited(None)
     for _ in range(9):
         limiter.on_success()
@@ -200,7 +201,8 @@ async def test_successes_restore_gradually_never_above_the_limit() -> None:
 async def test_a_429_resets_the_success_streak() -> None:
     """Successes interrupted by a 429 do not count towards a restore."""
     clock = FakeClock()
-    limiter = AdaptiveRateLimiter(RateLimit(5, 60.0), clock=clock, restore_after=3)
+    limiter = AdaptiveRateLimiter(RateLimit(5, 60.0), clock=clock, restore_after=3,
+                                  restore_every_periods=1)
     limiter.on_rate_limited(None)
     assert limiter.current_limit.requests == 2
     await clock.sleep(60.0)
@@ -222,3 +224,21 @@ def test_bad_arguments_are_refused() -> None:
         AdaptiveRateLimiter(PRESETS["free"], margin=-0.1)
     with pytest.raises(ValueError, match="restore_after"):
         AdaptiveRateLimiter(PRESETS["free"], restore_after=0)
+
+
+async def test_a_429_cuts_to_what_the_server_accepted_in_the_window() -> None:
+    """Six starts in the window, then a 429: the server takes five, so the limit becomes
+    five; a later restore waits ``restore_every_periods`` periods."""
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(RateLimit(10, 60.0), clock=clock, restore_after=1,
+                                  restore_every_periods=10)
+    for _ in range(6):
+        await limiter.acquire()
+    limiter.on_rate_limited(None)
+    assert limiter.current_limit.requests == 5
+    await clock.sleep(9 * 60.0)
+    limiter.on_success()
+    assert limiter.current_limit.requests == 5
+    await clock.sleep(60.0)
+    limiter.on_success()
+    assert limiter.current_limit.requests == 6

@@ -18,10 +18,11 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
+from polygon_backfill.clock import ScaledClock
 from polygon_backfill.config import DEFAULT_BASE_URL, Settings, load_settings
 from polygon_backfill.errors import AuthenticationError, ConfigError
 from polygon_backfill.logging import configure_logging
-from polygon_backfill.sandbox import SandboxConfig, SandboxServer, run_sandbox
+from polygon_backfill.sandbox import SandboxConfig, SandboxServer, parse_faults, run_sandbox
 from polygon_backfill.scheduler import AutoBackfillScheduler
 from polygon_backfill.storage import open_database
 from polygon_backfill.summary import PairOutcome
@@ -66,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--rate-limit", help="N/SECONDS, e.g. 5/60 (Polygon's free plan)")
     sandbox.add_argument("--latency-ms", type=float, default=0.0)
     sandbox.add_argument("--api-key", help="require this key")
+    sandbox.add_argument("--faults", help="inject faults, e.g. 429:0.05,500:0.05,timeout:0.02 "
+                         "(kinds: 429 500 502 503 timeout truncated malformed status_error "
+                         "null_results duplicates out_of_range invalid_bars extra_fields "
+                         "next_url_loop foreign_host full_no_next reset 404 403 401)")
+    sandbox.add_argument("--fault-seed", type=int, default=0)
+    sandbox.add_argument("--time-scale", type=float, default=1.0,
+                         help="run the rate-limit clock this many times faster")
     return parser
 
 
@@ -172,7 +180,18 @@ async def _status(settings: Settings) -> int:
 
 def _sandbox_config(args: argparse.Namespace) -> SandboxConfig:
     config = SandboxConfig(data_dir=args.data_dir, synthetic=not args.no_synthetic,
-                           latency_s=args.latency_ms / 1000, api_key=args.api_key)
+                           latency_s=args.latency_ms / 1000, api_key=args.api_key,
+                           fault_seed=args.fault_seed)
+    if args.time_scale != 1.0:
+        try:
+            config.monotonic = ScaledClock(args.time_scale).monotonic
+        except ValueError as exc:
+            raise ConfigError(f"--time-scale: {exc}") from None
+    if args.faults:
+        try:
+            config.faults = parse_faults(args.faults)
+        except ValueError as exc:
+            raise ConfigError(f"--faults: {exc}") from None
     if args.rate_limit:
         count, _, period = args.rate_limit.partition("/")
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
@@ -35,3 +35,27 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
+
+
+class ScaledClock:
+    """Real time running ``factor`` times faster: a minute of the free plan's rate window
+    passes in 0.6 s at factor 100. Benchmarks and acceptance tests give the same factor to
+    the sandbox, so both sides agree on what a "minute" is."""
+
+    def __init__(self, factor: float, start: datetime | None = None) -> None:
+        if factor <= 0:
+            raise ValueError("ScaledClock factor must be positive")
+        self.factor = factor
+        self._origin_monotonic = time.monotonic()
+        self._origin_now = start or datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return (time.monotonic() - self._origin_monotonic) * self.factor
+
+    def now(self) -> datetime:
+        """Wall time from ``start`` (default: the real time at creation), not sped up: bars
+        are dated by the calendar."""
+        return self._origin_now + timedelta(seconds=time.monotonic() - self._origin_monotonic)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds) / self.factor)

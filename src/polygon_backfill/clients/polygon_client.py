@@ -348,9 +348,11 @@ class PolygonClient:
         """
         self._ask_breaker(job)
         try:
-            if self._limiter is not None:
-                await self._limiter.acquire()
-            answer = await self._send(request, job)
+            if self._limiter is None:
+                answer = await self._send(request, job)
+            else:
+                async with self._limiter.slot():
+                    answer = await self._send(request, job)
         except RateLimitedError as exc:
             if self._limiter is not None:
                 self._limiter.on_rate_limited(exc.retry_after_s)

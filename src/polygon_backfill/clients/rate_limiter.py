@@ -1,11 +1,18 @@
 """A process-wide client-side rate limiter, so a correctly configured daemon never sees a 429.
 
 Polygon counts requests in a sliding window: at most N accepted requests in the last P
-seconds. :class:`AdaptiveRateLimiter` keeps a log of the last N request start times and lets
-the next request start only when the k-th most recent start (k = the allowed count now) has
-left the window. That holds the server's own invariant exactly, for any k, and lets a quiet
-client start a burst of k at once (the free plan's 5 requests go out together, not one every
-12 s).
+seconds. :class:`AdaptiveRateLimiter` keeps a log of the last N requests and lets the next
+one start only when the k-th most recent (k = the allowed count now) has left the window.
+That holds the server's own invariant for any k, and lets a quiet client start a burst of k
+at once (the free plan's 5 requests go out together, not one every 12 s).
+
+A request reaches the server somewhere between the moment it is sent and the moment its
+answer comes back, and that spread is not constant (a busy server stamps arrivals late; a
+cold connection adds a handshake). So a request made through :meth:`slot` counts as in the
+window from its start until its answer plus P: the only bound that holds whatever the
+latency. Measured against a sandbox enforcing 10/s, start times alone gave one 429 per
+backfill from such jitter; completion times gave none. The price is at most one latency per
+window (latency / P of the throughput: nothing on the free plan's minute).
 
 Why not aiolimiter: its leaky bucket with capacity N lets up to 2N - 1 requests through in
 one window (a full bucket drains N at once, then refills while they run), which breaks the
@@ -20,6 +27,8 @@ import asyncio
 import math
 import re
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -84,26 +93,37 @@ class AdaptiveRateLimiter:
     first served behind one lock, so only the head of the queue sleeps (no thundering herd).
     Each window is stretched by ``margin`` (1%) against clock and network skew.
 
-    Adaptive: a 429 halves the allowed count (floor 1 per period; at most one cut per period,
-    because the requests already in flight were started under the old rate) and, with a
-    Retry-After, holds every acquire until that moment (capped at ``max_hold_s``, as the
-    client caps its own wait, so one odd header cannot freeze the daemon). After
-    ``restore_after`` consecutive successes, and at least one period after the last change,
-    10% of the configured count comes back, never above the configured limit.
+    Adaptive: a 429 cuts the allowed count to what the server just proved it accepts, the
+    starts seen in the current window less one (halving when that tells nothing), floor 1 per
+    period, at most one cut per period, because the requests already in flight were started
+    under the old rate. With a Retry-After it also holds every acquire until that moment
+    (capped at ``max_hold_s``, as the client caps its own wait, so one odd header cannot
+    freeze the daemon). After ``restore_after`` consecutive successes, and at least
+    ``restore_every_periods`` periods after the last change, 10% of the configured count
+    comes back, never above the configured limit. Each step up probes the server's limit and
+    may cost one 429, so steps are rare: a daemon configured above its plan settles at the
+    plan's rate with well under 5% of its requests answered 429.
     """
 
     def __init__(self, limit: RateLimit, *, clock: Clock | None = None, margin: float = 0.01,
-                 restore_after: int = 10, max_hold_s: float = 300.0) -> None:
-        if margin < 0 or restore_after < 1 or max_hold_s < 0:
-            raise ValueError("margin and max_hold_s must be >= 0 and restore_after >= 1")
+                 restore_after: int = 10, restore_every_periods: float = 10.0,
+                 max_hold_s: float = 300.0) -> None:
+        if margin < 0 or restore_after < 1 or max_hold_s < 0 or restore_every_periods < 0:
+            raise ValueError("margin, max_hold_s and restore_every_periods must be >= 0 and "
+                             "restore_after >= 1")
         self._limit = limit
         self._clock = clock or SystemClock()
         self._window_s = limit.period_s * (1 + margin)
         self._restore_after = restore_after
+        self._restore_gap_s = restore_every_periods * limit.period_s
         self._max_hold_s = max_hold_s
         self._step = max(1, math.ceil(limit.requests / 10))
         self._allowed = limit.requests
+        # When each of the last N requests left the window's count: answered (or started, for
+        # a bare acquire()). Appended in time order, so the deque stays sorted.
         self._starts: deque[float] = deque(maxlen=limit.requests)
+        self._in_flight = 0
+        self._freed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._blocked_until = -math.inf
         self._last_cut = -math.inf
@@ -127,18 +147,48 @@ class AdaptiveRateLimiter:
         return self._allowed / self._limit.period_s
 
     async def acquire(self) -> None:
-        """Wait until one more request may start, then count it as started."""
+        """Wait until one more request may start, then count it as started now (for callers
+        whose requests take no time; the client uses :meth:`slot`)."""
         async with self._lock:
-            while (wait := self._ready_at() - self._clock.monotonic()) > 0:
-                self.waited_s += wait
-                await self._clock.sleep(wait)
+            await self._wait_for_room()
             self._starts.append(self._clock.monotonic())
 
-    def _ready_at(self) -> float:
-        """When the next start fits: after any Retry-After hold and inside the window."""
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one place in the window from the request's start until its answer."""
+        async with self._lock:
+            await self._wait_for_room()
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._starts.append(self._clock.monotonic())
+            self._freed.set()
+
+    async def _wait_for_room(self) -> None:
+        """Sleep until one more request fits; called with the lock held (FIFO)."""
+        while True:
+            ready = self._ready_at()
+            if ready is None:  # every allowed place is taken by a request in flight
+                self._freed.clear()
+                await self._freed.wait()
+                continue
+            wait = ready - self._clock.monotonic()
+            if wait <= 0:
+                return
+            self.waited_s += wait
+            await self._clock.sleep(wait)
+
+    def _ready_at(self) -> float | None:
+        """When the next start fits (after any Retry-After hold and inside the window), or
+        None while only an answer to a request in flight can make room."""
+        room = self._allowed - self._in_flight
+        if room <= 0:
+            return None
         ready = self._blocked_until
-        if len(self._starts) >= self._allowed:
-            ready = max(ready, self._starts[-self._allowed] + self._window_s)
+        if len(self._starts) >= room:
+            ready = max(ready, self._starts[-room] + self._window_s)
         return ready
 
     def on_rate_limited(self, retry_after_s: float | None) -> None:
@@ -151,7 +201,10 @@ class AdaptiveRateLimiter:
         if now - self._last_cut < self._limit.period_s or self._allowed == 1:
             return
         before = self._allowed
-        self._allowed = max(1, self._allowed // 2)
+        observed = self._in_flight + sum(1 for start in self._starts
+                                         if start > now - self._window_s)
+        accepted = observed - 1 if 1 < observed <= self._allowed else self._allowed // 2
+        self._allowed = max(1, accepted)
         self._last_cut = self._last_change = now
         hold = ("" if retry_after_s is None else
                 f", holding {min(retry_after_s, self._max_hold_s):g} s (Retry-After)")
@@ -167,7 +220,7 @@ class AdaptiveRateLimiter:
             return
         self._streak += 1
         now = self._clock.monotonic()
-        if self._streak < self._restore_after or now - self._last_change < self._limit.period_s:
+        if self._streak < self._restore_after or now - self._last_change < self._restore_gap_s:
             return
         before = self._allowed
         self._allowed = min(self._limit.requests, self._allowed + self._step)
