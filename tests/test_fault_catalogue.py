@@ -28,9 +28,10 @@ OPTIONS: dict[str, Any] = {"timeframes": ["1d"], "backfill_days": 60, "page_limi
                            "trailing_window_days": 0, "http_timeout_seconds": 0.5}
 
 
-async def expected_rows(ticker: str, timeframe: Timeframe = DAY) -> list[tuple[Any, ...]]:
+async def expected_rows(ticker: str, timeframe: Timeframe = DAY,
+                        days: int = OPTIONS["backfill_days"]) -> list[tuple[Any, ...]]:
     """What a fault-free sandbox serves for the same range, as table rows."""
-    start = align_start(ticker, timeframe, NOW - timedelta(days=OPTIONS["backfill_days"]))
+    start = align_start(ticker, timeframe, NOW - timedelta(days=days))
     async with SandboxServer(SandboxConfig(now=lambda: NOW)) as clean, \
             PolygonClient("k", clean.base_url) as client:
         bars = await client.fetch_range(ticker, timeframe, start, NOW)
@@ -201,3 +202,51 @@ async def test_a_second_daemon_waits_for_the_backfill_lock(bar_store: BarStore) 
         summary, _, _ = await waiting
     assert summary["tickers_ok"] == ["AAPL"]
     assert any(entry["event"] == "backfill.lock_wait" for entry in logs)
+
+
+async def test_a_range_that_exhausted_its_retries_resumes_from_the_last_page_next_run(
+        bar_store: BarStore) -> None:
+    """Page 3 fails five times: pages 1-2 stay written, the ticker is reported failed, and
+    the next run asks only for pages 3 onwards and ends with the exact table."""
+    first, _, _ = await backfill(bar_store, [FaultRule(FaultKind.SERVER_ERROR, after=2, times=5)])
+    assert list(first["tickers_failed"]) == ["AAPL"]
+    assert first["bars_written"] == 20
+    second, server, _ = await backfill(bar_store, [])
+    assert second["tickers_ok"] == ["AAPL"]
+    assert second["requests"] == len(server.requests) == 3
+    assert await table(bar_store, "AAPL") == await expected_rows("AAPL")
+
+
+async def test_the_circuit_opens_on_an_outage_then_recovers_and_status_shows_it(
+        bar_store: BarStore) -> None:
+    """Five 500s in a row open the circuit: MSFT's first calls are refused without reaching
+    the API, then after the cool-down one probe closes it again. The state and the last
+    error are recorded for `status`."""
+    with capture_logs() as logs:
+        summary, server, _ = await backfill(
+            bar_store, [FaultRule(FaultKind.SERVER_ERROR, ticker="AAPL")],
+            tickers=["AAPL", "MSFT"], parallel_backfill=False, circuit_cooldown_seconds=10)
+    changes = [entry["event"] for entry in logs if entry["event"].startswith("polygon.circuit")]
+    assert changes == ["polygon.circuit_open", "polygon.circuit_half_open",
+                       "polygon.circuit_closed"]
+    assert list(summary["tickers_failed"]) == ["AAPL"]
+    assert summary["tickers_ok"] == ["MSFT"]
+    assert len([r for r in server.requests if "/AAPL/" in r.path]) == 5
+    assert await table(bar_store, "MSFT") == await expected_rows("MSFT")
+    [state] = await bar_store.service_states()
+    assert (state.name, state.state) == ("circuit", "closed")
+    assert state.detail is not None
+    assert "Internal server error" in state.detail
+
+
+async def test_a_very_large_page_is_stored_whole(bar_store: BarStore) -> None:
+    """40 days of crypto minutes: a first page of 50,000 bars, then the rest, exactly."""
+    summary, server, _ = await backfill(
+        bar_store, [], tickers=["X:BTCUSD"], timeframes=["1m"], backfill_days=40,
+        page_limit=50_000, http_timeout_seconds=60)
+    assert summary["tickers_ok"] == ["X:BTCUSD"]
+    assert server.requests[0].results == 50_000
+    minute = Timeframe.parse("1m")
+    stored = await table(bar_store, "X:BTCUSD", minute)
+    assert len(stored) == 40 * 1440
+    assert stored == await expected_rows("X:BTCUSD", minute, days=40)

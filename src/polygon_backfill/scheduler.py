@@ -244,6 +244,8 @@ class AutoBackfillScheduler:
                     plan, max_concurrent=self.max_concurrent_symbols)
             else:
                 results = await self._backfill_symbols_sequential(plan)
+            if self._pending_writes:  # circuit-state records started during the pass
+                await asyncio.gather(*self._pending_writes, return_exceptions=True)
             summary = BackfillSummary.from_results(
                 results,
                 requests=self.polygon_client.total_requests - requests_before,

@@ -1,0 +1,86 @@
+"""The command line as a user runs it: exit codes, one-line errors, no secret in the log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+
+from polygon_backfill.cli import main
+
+
+@pytest.fixture
+def sandbox_requiring_key() -> Iterator[str]:
+    """`polygon-backfill sandbox --api-key right-key` in its own process; its base URL."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "polygon_backfill.cli", "sandbox", "--port", "0",
+         "--api-key", "right-key"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        assert line.startswith("Polygon sandbox listening on "), line
+        yield line.rsplit(" ", 1)[-1].strip()
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+
+
+@pytest.fixture
+def cli_database(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh database for a command run through asyncio.run (so created synchronously)."""
+    name = f"cli_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        connection = await asyncpg.connect(postgres_admin_url)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    yield urlsplit(postgres_admin_url)._replace(path=f"/{name}").geturl()
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_a_rejected_key_stops_once_with_exit_3_and_one_clear_line(
+        sandbox_requiring_key: str, cli_database: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """401: exit code 3, one `polygon.key_rejected` line, no retries, the key nowhere."""
+    monkeypatch.setenv("POLYGON_API_KEY", "wrong-key-123")
+    monkeypatch.setenv("DATABASE_URL", cli_database)
+    code = main(["once", "--base-url", sandbox_requiring_key, "--tickers", "AAPL,MSFT,SPY,QQQ",
+                 "--timeframes", "1d", "--days", "5", "--sequential"])
+    assert code == 3
+    events = [json.loads(line) for line in (tmp_path / "logs" / "app.log").read_text().splitlines()]
+    assert [e["event"] for e in events].count("polygon.key_rejected") == 1
+    assert not [e for e in events if e["event"] in ("polygon.retrying", "polygon.rate_limited")]
+    assert [e["ticker"] for e in events if e["event"] == "backfill.symbol_started"] == ["AAPL"]
+    assert "wrong-key-123" not in (tmp_path / "logs" / "app.log").read_text()
+    assert "wrong-key-123" not in capsys.readouterr().err
+
+
+def test_status_lists_each_pair_with_its_last_result(
+        cli_database: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`once --with-sandbox` then `status`: one row per pair with its bar count and 'ok'."""
+    monkeypatch.setenv("DATABASE_URL", cli_database)
+    monkeypatch.setenv("STAGGER_SECONDS", "0")
+    monkeypatch.setenv("GROUP_PAUSE_SECONDS", "0")
+    assert main(["once", "--with-sandbox", "--tickers", "AAPL,X:BTCUSD", "--timeframes", "1d",
+                 "--days", "10"]) == 0
+    capsys.readouterr()
+    assert main(["status"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if " 1d " in line]
+    assert len(rows) == 2
+    assert "AAPL" in rows[0]
+    assert " ok " in rows[0]
+    assert "X:BTCUSD" in rows[1]
+    assert "│   11 │" in rows[1]
