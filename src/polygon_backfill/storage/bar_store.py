@@ -120,6 +120,13 @@ _SELECT_SERVICE_STATES: Final = """
 SELECT name, state, detail, updated_at FROM service_state ORDER BY name
 """
 
+_COUNT_DUPLICATE_SESSIONS: Final = """
+SELECT count(*) FROM (
+    SELECT 1 FROM bars GROUP BY ticker, timeframe, coalesce(session_date::text, bar_time::text)
+    HAVING count(*) > 1
+) AS duplicated
+"""
+
 _SELECT_BARS: Final = """
 SELECT bar_time, open, high, low, close, volume, vwap, trades FROM bars
 WHERE ticker = $1 AND timeframe = $2 ORDER BY bar_time
@@ -346,3 +353,11 @@ class BarStore:
             raise storage_error("reading service states", exc) from exc
         return [ServiceState(row["name"], row["state"], row["detail"], row["updated_at"])
                 for row in rows]
+
+    async def duplicate_keys(self) -> int:
+        """Rows sharing a (ticker, timeframe, session) with another row: always 0 unless the
+        keying by session date is broken. The soak and ``verify`` check it."""
+        try:
+            return int(await self._pool.fetchval(_COUNT_DUPLICATE_SESSIONS))
+        except DATABASE_ERRORS as exc:
+            raise storage_error("counting duplicate bars", exc) from exc
