@@ -76,3 +76,15 @@ def test_overrides_keep_the_other_values_and_are_validated() -> None:
     assert [tf.name for tf in changed.timeframes] == ["5m", "1d"]
     with pytest.raises(ConfigError, match=r"^TIMEFRAMES: invalid timeframe '2y'"):
         settings.with_overrides(timeframes="2y")
+
+
+def test_env_example_documents_every_setting_and_nothing_else() -> None:
+    """.env.example is the user's list of knobs: it must name each Settings field."""
+    import re
+    from pathlib import Path
+
+    from polygon_backfill.config import Settings
+
+    text = (Path(__file__).resolve().parents[1] / ".env.example").read_text()
+    documented = set(re.findall(r"^#? ?([A-Z][A-Z_]+)=", text, re.MULTILINE))
+    assert documented == {name.upper() for name in Settings.model_fields}
