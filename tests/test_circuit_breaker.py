@@ -197,8 +197,9 @@ async def test_4xx_and_429_do_not_count(breaker: CircuitBreaker, answer: httpx.R
 @respx.mock
 async def test_a_short_cooldown_recovers_within_a_page(clock: FakeClock,
                                                        changes: Changes) -> None:
-    """CircuitOpenError is retried like any transient: after a 3 s cool-down, the attempt
-    that follows probes, succeeds and closes the circuit, all inside one fetch."""
+    """CircuitOpenError is retried after the time left in the cool-down (not the shorter
+    backoff), so the attempt that follows is the probe: it succeeds and closes the circuit,
+    all inside one fetch."""
     breaker = CircuitBreaker(failure_threshold=2, cooldown_s=3.0, clock=clock,
                              on_change=changes)
     route = respx.get(AAPL_DAY_URL).mock(side_effect=[
@@ -207,7 +208,8 @@ async def test_a_short_cooldown_recovers_within_a_page(clock: FakeClock,
                              circuit_breaker=breaker) as client:
         bars = await client.fetch_range("AAPL", DAY, START, END)
     assert len(bars) == 1
-    # 502 at t=0, 502 at t=1 opens it, fast fail at t=3, probe at t=7 succeeds.
-    assert clock.sleeps == [1, 2, 4]
+    # 502 at t=0, 502 at t=1 opens it until t=4; fast fail at t=3 waits the 1 s left,
+    # the probe at t=4 succeeds.
+    assert clock.sleeps == [1, 2, 1]
     assert route.call_count == 3
     assert [state for state, _ in changes.calls] == ["open", "half_open", "closed"]

@@ -12,8 +12,9 @@ from polygon_backfill.models import Timeframe
 
 
 def test_environment_values_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Comma lists, booleans, numbers and dates come from the environment."""
-    monkeypatch.setenv("TICKERS", "AAPL, BRK.B,X:BTCUSD ,C:EURUSD,I:SPX")
+    """Comma lists (a repeated ticker once), booleans, numbers and dates come from the
+    environment."""
+    monkeypatch.setenv("TICKERS", "AAPL, BRK.B,X:BTCUSD ,C:EURUSD,I:SPX,AAPL")
     monkeypatch.setenv("TIMEFRAMES", "1m,5m,15m,30m,1h,4h,1d,1w")
     monkeypatch.setenv("PARALLEL_BACKFILL", "false")
     monkeypatch.setenv("MAX_CONCURRENT_SYMBOLS", "4")
@@ -24,7 +25,11 @@ def test_environment_values_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
                                                        "1d", "1w"]
     assert settings.parallel_backfill is False
     assert settings.max_concurrent_symbols == 4
-    assert settings.backfill_start_time(datetime.now(UTC)) == datetime(2020, 2, 3, tzinfo=UTC)
+    # A start date is a session date: New York midnight for stocks, UTC midnight for crypto.
+    assert settings.backfill_start_for("AAPL", datetime.now(UTC)) == datetime(
+        2020, 2, 3, 5, tzinfo=UTC)
+    assert settings.backfill_start_for("X:BTCUSD", datetime.now(UTC)) == datetime(
+        2020, 2, 3, tzinfo=UTC)
 
 
 def test_defaults_match_the_seed_contract() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import csv
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +182,39 @@ async def test_stop_request_finishes_the_page_in_flight_and_leaves_consistent_co
     assert await bar_store.fetch_bars("SPY", Timeframe.parse("1d")) == []
     await backfill(bar_store, real_sandbox)
     await assert_table_equals_csv(bar_store)
+
+
+def weekly_from_daily_csv(name: str) -> list[tuple[Any, ...]]:
+    """Weeks built straight from the CSV (Sunday 00:00 New York), not through our code."""
+    from zoneinfo import ZoneInfo
+
+    new_york = ZoneInfo("America/New_York")
+    weeks: dict[Any, list[tuple[Any, ...]]] = {}
+    for row in read_csv(name, "AAPL"):
+        day = row[0].astimezone(new_york).date()
+        sunday = day - timedelta(days=(day.weekday() + 1) % 7)
+        weeks.setdefault(sunday, []).append(row)
+    return [(datetime(s.year, s.month, s.day, tzinfo=new_york).astimezone(UTC),
+             rows[0][1], max(r[2] for r in rows), min(r[3] for r in rows), rows[-1][4],
+             sum(r[5] for r in rows)) for s, rows in sorted(weeks.items())]
+
+
+async def test_weekly_bars_are_keyed_on_sunday_and_complete(
+        bar_store: BarStore, real_sandbox: SandboxServer) -> None:
+    """1w bars of AAPL equal weeks computed from the daily CSV, and a rerun changes none."""
+    for _ in range(2):
+        scheduler = AutoBackfillScheduler(
+            polygon_api_key="test-key", store=bar_store, polygon_base_url=real_sandbox.base_url,
+            tickers=["AAPL"], timeframes=["1w"], backfill_start="2004-01-01")
+        try:
+            summary = await scheduler.run_once()
+        finally:
+            await scheduler.polygon_client.aclose()
+        assert summary["tickers_ok"] == ["AAPL"]
+    stored = await table_rows(bar_store, "AAPL", "1w")
+    expected = weekly_from_daily_csv("AAPL.day.csv")
+    assert [row[0] for row in stored] == [row[0] for row in expected]
+    for got, want in zip(stored, expected, strict=True):
+        assert got[1:5] == want[1:5]
+        assert got[5] == pytest.approx(want[5], rel=1e-12)
+    assert summary["bars_written"] == 0

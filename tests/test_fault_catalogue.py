@@ -24,6 +24,7 @@ NOW = datetime(2026, 1, 9, 23, 0, tzinfo=UTC)
 DAY = Timeframe.parse("1d")
 # 60 days of daily bars in pages of 10 base aggregates: several pages per ticker.
 OPTIONS: dict[str, Any] = {"timeframes": ["1d"], "backfill_days": 60, "page_limit": 10,
+                           "backfill_mode": "groups",
                            "stagger_seconds": 0, "group_pause_seconds": 0,
                            "trailing_window_days": 0, "http_timeout_seconds": 0.5}
 

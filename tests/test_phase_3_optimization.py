@@ -307,7 +307,7 @@ class TestPhase3ParallelProcessing:
         server = await _synthetic_sandbox(self.NOW)
         try:
             settings = {"tickers": self.TICKERS, "timeframes": ["1d"], "backfill_days": 10,
-                        "polygon_base_url": server.base_url} | options
+                        "polygon_base_url": server.base_url, "backfill_mode": "groups"} | options
             client = PolygonClient("test-key", server.base_url, transport=transport,
                                    sleep=clock.sleep)
             scheduler = AutoBackfillScheduler(polygon_api_key="test-key", store=store,

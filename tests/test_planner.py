@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from polygon_backfill.models import Timeframe, TimeRange, merge_ranges
 from polygon_backfill.planner import align_start, missing_ranges, subtract
 
@@ -74,3 +76,13 @@ def test_nothing_is_planned_when_the_start_is_in_the_future() -> None:
     """A start after now is an empty plan, not an error."""
     assert missing_ranges("AAPL", DAY, [], start=NOW + timedelta(days=2), now=NOW,
                           trailing_window=timedelta(days=3)) == []
+
+
+def test_weekly_ranges_start_on_sunday_and_multi_day_bars_are_refused() -> None:
+    """Polygon's week bars start Sunday 00:00 in the home zone; 2d/2w have no known anchor."""
+    week = Timeframe.parse("1w")
+    assert align_start("AAPL", week, at(2026, 1, 8, 15)) == at(2026, 1, 4, 5)
+    assert align_start("X:BTCUSD", week, at(2026, 1, 4, 0)) == at(2026, 1, 4)
+    for text in ("2d", "3w"):
+        with pytest.raises(ValueError, match="only as 1d and 1w"):
+            Timeframe.parse(text)

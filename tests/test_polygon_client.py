@@ -28,9 +28,10 @@ from polygon_backfill.errors import (
     NotAuthorizedError,
     PaginationError,
     PolygonClientError,
+    SuspectEmptyError,
     TransientPolygonError,
 )
-from polygon_backfill.models import Bar, Timeframe, TimeRange
+from polygon_backfill.models import Bar, Timeframe, TimeRange, ms_to_datetime
 from tests.support import FakeClock
 
 BASE_URL = "https://api.test.polygon"
@@ -229,8 +230,60 @@ async def test_next_url_on_a_foreign_host_is_sent_to_base_url(client: PolygonCli
     assert not evil.called
     request = second.calls.last.request
     assert request.url.host == "api.test.polygon"
-    assert request.url.query == b"cursor=abc"
+    assert request.url.query == b"cursor=abc&adjusted=true&sort=asc&limit=50000"
     assert request.headers["Authorization"] == f"Bearer {KEY}"
+
+
+@respx.mock
+async def test_next_url_naming_another_series_is_refused(client: PolygonClient) -> None:
+    """A next_url for another ticker (or timespan) is a PaginationError, never followed."""
+    respx.get(f"{BASE_URL}{MIN_PATH}/{T0}/{LAST}").mock(return_value=ok(
+        bar(T0), next_url=f"https://api.polygon.io/v2/aggs/ticker/MSFT/range/1/minute/"
+                          f"{T0 + 60_000}/{LAST}?cursor=abc"))
+    with pytest.raises(PaginationError, match="leaves the series"):
+        await client.fetch_range("AAPL", MINUTE, START, END)
+
+
+@respx.mock
+async def test_a_stray_bar_on_a_full_page_does_not_end_the_range(sleep: RecordingSleep) -> None:
+    """Full page, no next_url, one bar past the range: the continuation starts after the
+    last bar kept, so the rest of the range is still asked for."""
+    client = PolygonClient(KEY, BASE_URL, sleep=sleep, page_limit=3)
+    first = respx.get(f"{BASE_URL}{MIN_PATH}/{T0}/{LAST}").mock(return_value=ok(
+        bar(T0), bar(T0 + 60_000), bar(LAST + 600_000)))
+    rest = respx.get(f"{BASE_URL}{MIN_PATH}/{T0 + 60_001}/{LAST}").mock(return_value=ok(
+        bar(T0 + 120_000)))
+    pages = [page async for page in client.iter_pages("AAPL", MINUTE, START, END)]
+    await client.aclose()
+    assert (first.call_count, rest.call_count) == (1, 1)
+    assert [b.t for page in pages for b in page.bars] == [T0, T0 + 60_000, T0 + 120_000]
+
+
+@respx.mock
+async def test_an_invalid_bar_in_range_is_not_covered(client: PolygonClient) -> None:
+    """A bar dropped as invalid (high < low) ends the page's coverage at its time, so the
+    next run asks for it again; the sound bars before and after are kept."""
+    bad = {"o": 10, "h": 9, "l": 11, "c": 10, "v": 1, "t": T0 + 60_000}
+    respx.get(f"{BASE_URL}{MIN_PATH}/{T0}/{LAST}").mock(return_value=ok(
+        bar(T0), bad, bar(T0 + 120_000)))
+    [page] = [page async for page in client.iter_pages("AAPL", MINUTE, START, END)]
+    assert [b.t for b in page.bars] == [T0, T0 + 120_000]
+    assert page.covered == TimeRange(START, ms_to_datetime(T0 + 60_000))
+
+
+@respx.mock
+async def test_null_results_after_429s_are_still_doubted(sleep: RecordingSleep) -> None:
+    """Four 429s then a null answer on a trading day: the null is not believed; with the
+    attempts spent the range fails and nothing is recorded as covered."""
+    client = PolygonClient(KEY, BASE_URL, sleep=sleep)
+    respx.get(f"{BASE_URL}/v2/aggs/ticker/AAPL/range/1/day/2023-01-03/2023-01-04").mock(
+        side_effect=[httpx.Response(429, json={"status": "ERROR", "error": "slow down"})] * 4
+        + [httpx.Response(200, json={"status": "OK", "results": None})])
+    with pytest.raises(SuspectEmptyError):
+        await client.fetch_range("AAPL", Timeframe.parse("1d"),
+                                 datetime(2023, 1, 3, 5, tzinfo=UTC),
+                                 datetime(2023, 1, 5, 5, tzinfo=UTC))
+    await client.aclose()
 
 
 @respx.mock

@@ -131,7 +131,7 @@ async def test_a_429_halves_the_rate_and_logs_it() -> None:
     assert limiter.limit == RateLimit(100, 1.0)
     [event] = events
     assert event["event"] == "polygon.rate_reduced"
-    assert event["message"] == ("Rate limited by the server: request rate cut from 100 to 50 "
+    assert event["message"] == ("Request rate cut after a 429, from 100 to 50 "
                                 "per 1 s")
     rates = []
     for _ in range(8):

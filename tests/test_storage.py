@@ -230,6 +230,121 @@ async def test_concurrent_pages_of_one_pair_all_land(bar_store: BarStore) -> Non
     assert stored == sorted(stored, key=lambda b: b.bar_time)
 
 
+# --- fast path (COPY into bars) and merge path (staging + ON CONFLICT) -------------------
+
+
+@pytest.fixture
+def copy_targets(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The table each COPY went into: ``bars`` on the fast path, ``bars_staging`` on the
+    merge path. (Pool connections forward to asyncpg.Connection, so patching it sees all.)"""
+    targets: list[str] = []
+    original = asyncpg.Connection.copy_to_table
+
+    async def spy(self: asyncpg.Connection, table_name: str, **kwargs: object) -> str:
+        targets.append(table_name)
+        return await original(self, table_name, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncpg.Connection, "copy_to_table", spy)
+    return targets
+
+
+def _mixed_minute_page() -> list[Bar]:
+    """Duplicates (last wins), index-style NULLs, out-of-order times."""
+    page = minute_bars("2024-01-02 14:30", 50)
+    page[7] = Bar(page[7].t, 3080.8, 3081.47, 3080.3, 3080.49)
+    page[8] = bar(page[8].t, volume=None, trades=None)
+    return [*page[:20], bar(page[3].t, 7.0), *reversed(page[20:]), bar(page[3].t, 8.0)]
+
+
+async def test_fast_and_merge_paths_store_the_same_rows(
+        bar_store: BarStore, database_url: str, copy_targets: list[str]) -> None:
+    """A page into an empty range is COPYed straight into bars; the same page over a range
+    holding one identical bar goes through the merge; both leave the same rows."""
+    minute = _mixed_minute_page()
+    daily = [bar(ms("2005-04-01 05:00"), 1.0), bar(ms("2005-04-04 04:00"), 2.0),
+             bar(ms("2005-04-01 21:00"), 3.0)]  # the last: grouped-daily stamp of 04-01
+    for timeframe, page, covered in (
+            (M1, minute, span("2024-01-02 14:30", "2024-01-02 15:20")),
+            (D1, daily, span("2005-04-01 05:00", "2005-04-05 04:00"))):
+        fresh = await bar_store.write_page("AAPL", timeframe, page, covered)
+        assert copy_targets[-1] == "bars"
+        assert fresh == WriteResult(len(page) - fresh.rejected_duplicates, 0, 0,
+                                    fresh.rejected_duplicates)
+
+        await bar_store.write_page("MSFT", timeframe, [page[1]], covered)
+        merged = await bar_store.write_page("MSFT", timeframe, page, covered)
+        assert copy_targets[-1] == "bars_staging"
+        assert merged == WriteResult(fresh.inserted - 1, 0, 1, fresh.rejected_duplicates)
+        assert (await bar_store.fetch_bars("AAPL", timeframe)
+                == await bar_store.fetch_bars("MSFT", timeframe))
+    assert [b.open for b in await bar_store.fetch_bars("AAPL", D1)] == [3.0, 2.0]
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        different = await conn.fetchval("""
+            SELECT count(*) FROM (
+                (SELECT timeframe, bar_time, session_date FROM bars WHERE ticker = 'AAPL'
+                 EXCEPT SELECT timeframe, bar_time, session_date FROM bars
+                 WHERE ticker = 'MSFT')
+                UNION ALL
+                (SELECT timeframe, bar_time, session_date FROM bars WHERE ticker = 'MSFT'
+                 EXCEPT SELECT timeframe, bar_time, session_date FROM bars
+                 WHERE ticker = 'AAPL')) AS d""")
+    finally:
+        await conn.close()
+    assert different == 0
+
+
+async def test_only_a_page_whose_range_holds_a_stored_bar_is_merged(
+        bar_store: BarStore, copy_targets: list[str]) -> None:
+    """Adjacent pages take the fast path; a page reaching one stored bar (at its edge)
+    takes the merge path and updates it."""
+    first = minute_bars("2024-01-02 14:30", 10)
+    after = minute_bars("2024-01-02 14:40", 10)
+    overlapping = minute_bars("2024-01-02 14:49", 5, price=50.0)
+    covered = span("2024-01-02 14:30", "2024-01-02 15:00")
+    await bar_store.write_page("AAPL", M1, first, covered)
+    await bar_store.write_page("AAPL", M1, after, covered)
+    assert copy_targets == ["bars", "bars"]
+    result = await bar_store.write_page("AAPL", M1, overlapping, covered)
+    assert copy_targets[-1] == "bars_staging"
+    assert result == WriteResult(inserted=4, updated=1, unchanged=0, rejected_duplicates=0)
+    assert len(await bar_store.fetch_bars("AAPL", M1)) == 24
+
+
+async def test_a_key_stored_by_another_writer_after_the_probe_is_merged(
+        bar_store: BarStore, database_url: str, copy_targets: list[str]) -> None:
+    """The probe cannot see another transaction's uncommitted bar; when it commits, the
+    fast COPY hits a unique violation and the page is redone as a merge, whose values win."""
+    page = minute_bars("2024-01-02 14:30", 100)
+    covered = span("2024-01-02 14:30", "2024-01-02 16:10")
+    other = await asyncpg.connect(database_url)
+    try:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute(
+            "INSERT INTO bars (ticker, timeframe, bar_time, open, high, low, close) "
+            "VALUES ('AAPL', '1m', $1, 1, 1, 1, 1)", utc("2024-01-02 15:00"))
+        write = asyncio.create_task(bar_store.write_page("AAPL", M1, page, covered))
+        for _ in range(500):  # the COPY now waits for our transaction
+            if await other.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the fast-path COPY never waited for the conflicting insert")
+        await transaction.commit()
+        result = await asyncio.wait_for(write, timeout=30)
+    finally:
+        await other.close()
+
+    assert copy_targets == ["bars", "bars_staging"]
+    assert result == WriteResult(inserted=99, updated=1, unchanged=0, rejected_duplicates=0)
+    stored = await bar_store.fetch_bars("AAPL", M1)
+    assert [(b.bar_time, b.open) for b in stored] == [
+        (datetime.fromtimestamp(b.t / 1000, UTC), b.open) for b in page]
+    assert await bar_store.coverage("AAPL", M1) == [covered]
+
+
 # --- coverage -------------------------------------------------------------------------
 
 
@@ -282,6 +397,7 @@ async def test_coverage_merges_and_keeps_verified_empty_ranges(
         pytest.param({"close": math.nan}, id="nan"),
         pytest.param({"open": math.inf}, id="infinite"),
         pytest.param({"volume": -1.0}, id="negative-volume"),
+        pytest.param({"trades": 2**63}, id="trades-beyond-bigint"),
     ],
 )
 async def test_a_failing_write_leaves_neither_bars_nor_coverage(

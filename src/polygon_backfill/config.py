@@ -7,9 +7,9 @@ Every field is one environment variable of the same name in upper case (``TICKER
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from polygon_backfill.clients.rate_limiter import RateLimit
 from polygon_backfill.errors import ConfigError
-from polygon_backfill.models import Timeframe, validate_ticker
+from polygon_backfill.models import Timeframe, session_start, validate_ticker
 
 DEFAULT_BASE_URL = "https://api.polygon.io"
 
@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     trailing_window_days: float = Field(default=3.0, ge=0)
 
     parallel_backfill: bool = True
+    backfill_mode: Literal["pipeline", "groups"] = "pipeline"
+    max_in_flight_requests: int = Field(default=8, ge=1, le=256)
+    queued_pages: int = Field(default=4, ge=1, le=256)
     max_concurrent_symbols: int = Field(default=3, ge=1, le=100)
     stagger_seconds: float = Field(default=5.0, ge=0)
     group_pause_seconds: float = Field(default=10.0, ge=0)
@@ -89,6 +92,7 @@ class Settings(BaseSettings):
                                  "letters, digits, '.', '-' and an X:/C:/I: prefix")
             if not tickers:
                 raise ValueError("no tickers given")
+            return list(dict.fromkeys(tickers))
         return tickers
 
     @field_validator("timeframes", mode="before")
@@ -140,11 +144,11 @@ class Settings(BaseSettings):
             raise ConfigError(f"SCHEDULE_CRON: {self.schedule_cron!r} is not a valid "
                               f"crontab expression ({exc})") from exc
 
-    def backfill_start_time(self, now: datetime) -> datetime:
-        """The earliest moment to keep, as aware UTC."""
+    def backfill_start_for(self, ticker: str, now: datetime) -> datetime:
+        """The earliest moment to keep for ``ticker``, as aware UTC: ``BACKFILL_START`` is a
+        session date, so it begins at that day's midnight in the ticker's home zone."""
         if self.backfill_start is not None:
-            start = self.backfill_start
-            return datetime(start.year, start.month, start.day, tzinfo=UTC)
+            return session_start(ticker, self.backfill_start)
         return now - timedelta(days=self.backfill_days)
 
     def secrets(self) -> list[str]:

@@ -85,7 +85,12 @@ class Timeframe:
         match = re.fullmatch(r"\s*(\d+)\s*([mhdw])\s*", text or "")
         if not match or int(match.group(1)) < 1:
             raise ValueError(f"invalid timeframe {text!r} (expected e.g. 1m, 5m, 1h, 1d, 1w)")
-        return cls(int(match.group(1)), _TIMESPAN_BY_SUFFIX[match.group(2)])
+        multiplier, timespan = int(match.group(1)), _TIMESPAN_BY_SUFFIX[match.group(2)]
+        if timespan in (Timespan.DAY, Timespan.WEEK) and multiplier != 1:
+            # Where Polygon starts a 2-day or 2-week bucket is not documented; a guess would
+            # key bars on the wrong sessions. Minutes and hours of any size are fine.
+            raise ValueError(f"invalid timeframe {text!r}: days and weeks only as 1d and 1w")
+        return cls(multiplier, timespan)
 
     @property
     def name(self) -> str:

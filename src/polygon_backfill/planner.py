@@ -8,6 +8,7 @@ newest bars are published late and corrected.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -15,11 +16,14 @@ from datetime import UTC, datetime, timedelta
 from polygon_backfill.models import (
     Timeframe,
     TimeRange,
+    Timespan,
     datetime_to_ms,
+    home_zone,
     merge_ranges,
     session_date,
     session_start,
 )
+from polygon_backfill.sessions import base_aggregates
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +42,10 @@ def align_start(ticker: str, timeframe: Timeframe, moment: datetime) -> datetime
     """Move ``moment`` back to the start of the bar that contains it, so a range never
     begins inside a bar (that bar would be skipped by the API's inclusive ``from``)."""
     if timeframe.is_daily:
-        return session_start(ticker, session_date(ticker, datetime_to_ms(moment)))
+        day = session_date(ticker, datetime_to_ms(moment))
+        if timeframe.timespan is Timespan.WEEK:  # Polygon's weeks start on Sunday
+            day -= timedelta(days=(day.weekday() + 1) % 7)
+        return session_start(ticker, day)
     step_ms = int(timeframe.duration.total_seconds() * 1000)
     ms = datetime_to_ms(moment)
     return datetime.fromtimestamp((ms - ms % step_ms) / 1000, tz=UTC)
@@ -83,3 +90,41 @@ def missing_ranges(
                if item.start < trusted_until]
     gaps = subtract(TimeRange(window_start, now), trusted)
     return [TimeRange(align_start(ticker, timeframe, gap.start), gap.end) for gap in gaps]
+
+
+def estimated_requests(ticker: str, timeframe: Timeframe, span: TimeRange,
+                       page_limit: int) -> int:
+    """The fewest requests ``span`` needs under the paging rules, from the calendar."""
+    zone = home_zone(ticker)
+    day, last = span.start.astimezone(zone).date(), span.end.astimezone(zone).date()
+    total = 0
+    while day <= last:
+        total += base_aggregates(ticker, day, intraday=not timeframe.is_daily)
+        day += timedelta(days=1)
+    return max(1, math.ceil(total / page_limit))
+
+
+def split_range(ticker: str, timeframe: Timeframe, span: TimeRange,
+                page_limit: int) -> list[TimeRange]:
+    """Cut ``span`` into pieces of at most ``page_limit`` base aggregates each (estimated
+    from the calendar), on bar boundaries, so the pieces can be fetched at the same time
+    instead of one ``next_url`` after another. The request count stays the fewest the
+    paging rules allow; where the estimate falls short, ``next_url`` still covers the rest."""
+    zone = home_zone(ticker)
+    pieces: list[TimeRange] = []
+    start, budget = span.start, page_limit
+    day = span.start.astimezone(zone).date()
+    while True:
+        day_start = session_start(ticker, day)
+        if day_start >= span.end:
+            break
+        needed = base_aggregates(ticker, day, intraday=not timeframe.is_daily)
+        if needed > budget and day_start > start:
+            cut = max(start, align_start(ticker, timeframe, day_start))
+            if cut > start:
+                pieces.append(TimeRange(start, cut))
+                start, budget = cut, page_limit
+        budget -= needed
+        day += timedelta(days=1)
+    pieces.append(TimeRange(start, span.end))
+    return pieces

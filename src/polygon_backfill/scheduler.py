@@ -39,6 +39,7 @@ from polygon_backfill.errors import (
     StorageUnavailableError,
 )
 from polygon_backfill.models import Timeframe, TimeRange
+from polygon_backfill.pipeline import PipelinedBackfill
 from polygon_backfill.planner import SymbolWork, missing_ranges
 from polygon_backfill.storage import BarStore, WriteResult, open_database
 from polygon_backfill.summary import BackfillSummary, PairOutcome, TickerResult
@@ -118,6 +119,11 @@ class AutoBackfillScheduler:
         return self.settings.parallel_backfill
 
     @property
+    def mode(self) -> str:
+        """``sequential`` (the seed's Phase 2), ``groups`` (Phase 3) or ``pipeline``."""
+        return self.settings.backfill_mode if self.parallel_backfill else "sequential"
+
+    @property
     def max_concurrent_symbols(self) -> int:
         return self.settings.max_concurrent_symbols
 
@@ -137,7 +143,10 @@ class AutoBackfillScheduler:
     async def close(self) -> None:
         """Let in-flight writes commit, then close the client and the database."""
         if self._pending_writes:
-            await asyncio.gather(*self._pending_writes, return_exceptions=True)
+            _, late = await asyncio.wait(self._pending_writes,
+                                         timeout=self.settings.shutdown_timeout_seconds)
+            for task in late:  # a write hung past the timeout: its transaction rolls back
+                task.cancel()
         await self.polygon_client.aclose()
         await self._exit_stack.aclose()
 
@@ -182,10 +191,13 @@ class AutoBackfillScheduler:
         try:
             await self._stop_requested.wait()
         finally:
-            scheduler.shutdown(wait=False)
+            # Pause first, drain, then shut down: APScheduler's shutdown cancels a running
+            # job, which would throw away the page being fetched.
+            scheduler.pause()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             await self._drain()
+            scheduler.shutdown(wait=False)
             await self.close()
         if self.fatal_error is not None:
             raise self.fatal_error
@@ -237,13 +249,15 @@ class AutoBackfillScheduler:
             if self.progress is not None:
                 self.progress.planned(sum(len(work.timeframes) for work in plan))
             log.info("backfill.started", message=f"Backfill started: {len(plan)} tickers, "
-                     f"{sum(len(work.ranges) for work in plan)} ranges",
-                     parallel=self.parallel_backfill)
-            if self.parallel_backfill:
+                     f"{sum(len(work.ranges) for work in plan)} ranges, mode {self.mode}",
+                     mode=self.mode)
+            if not self.parallel_backfill:
+                results = await self._backfill_symbols_sequential(plan)
+            elif self.settings.backfill_mode == "groups":
                 results = await self._backfill_symbols_parallel(
                     plan, max_concurrent=self.max_concurrent_symbols)
             else:
-                results = await self._backfill_symbols_sequential(plan)
+                results = await self._backfill_symbols_pipelined(plan)
             if self._pending_writes:  # circuit-state records started during the pass
                 await asyncio.gather(*self._pending_writes, return_exceptions=True)
             summary = BackfillSummary.from_results(
@@ -262,10 +276,10 @@ class AutoBackfillScheduler:
 
     async def _plan(self) -> list[SymbolWork]:
         now = self.clock.now()
-        start = self.settings.backfill_start_time(now)
         trailing = timedelta(days=self.settings.trailing_window_days)
         plan = []
         for ticker in self.settings.tickers:
+            start = self.settings.backfill_start_for(ticker, now)
             ranges = []
             for timeframe in self.settings.timeframes:
                 coverage = await self.store.coverage(ticker, timeframe)
@@ -301,6 +315,19 @@ class AutoBackfillScheduler:
                 await self.clock.sleep(self.settings.group_pause_seconds)
         return results
 
+    async def _backfill_symbols_pipelined(
+        self, symbols_data: Sequence[SymbolWork]
+    ) -> dict[str, TickerResult]:
+        """The best mode (``pipeline.py``): fetchers paced by the rate limiter, one writer."""
+        pipeline = PipelinedBackfill(
+            fetch=self.polygon_client.iter_pages, write=self._write,
+            note_failure=self._note_failure, finish_pair=self._finish_pair,
+            stop=self._stop_requested, clock=self.clock,
+            max_in_flight=self.settings.max_in_flight_requests,
+            queued_pages=self.settings.queued_pages,
+            group_size=self.max_concurrent_symbols, page_limit=self.settings.page_limit)
+        return await pipeline.run(symbols_data)
+
     async def _backfill_symbols_sequential(
         self, symbols_data: Sequence[SymbolWork]
     ) -> dict[str, TickerResult]:
@@ -327,8 +354,6 @@ class AutoBackfillScheduler:
             outcome = PairOutcome(work.ticker, timeframe.name)
             result.pairs.append(outcome)
             await self._backfill_pair(work.ticker, timeframe, ranges, outcome, result)
-            if self.progress is not None:
-                self.progress.pair_done(outcome)
         return result
 
     async def _backfill_pair(self, ticker: str, timeframe: Timeframe, ranges: list[TimeRange],
@@ -352,22 +377,34 @@ class AutoBackfillScheduler:
                         outcome.rejected += page.rejected
                         if self._stop_requested.is_set():
                             break
-        except AuthenticationError as exc:
+        except Exception as exc:
+            self._note_failure(ticker, timeframe, outcome, exc)
+        await self._finish_pair(ticker, timeframe, outcome)
+
+    def _note_failure(self, ticker: str, timeframe: Timeframe, outcome: PairOutcome,
+                      exc: Exception) -> None:
+        """Classify a pair's failure: a rejected key stops the run (re-raised), a 4xx skips
+        the pair, anything else fails it; none of them stops the other pairs."""
+        if isinstance(exc, AuthenticationError):
             # Every other request would be refused the same way: stop the whole run now.
             outcome.ok, outcome.error = False, str(exc)
             self.fatal_error = exc
             self.request_stop()
-            raise
-        except PolygonClientError as exc:  # 403 outside the plan, 404 unknown ticker, 400
+            raise exc
+        if isinstance(exc, PolygonClientError):  # 403 outside the plan, 404 unknown ticker
             outcome.ok, outcome.skipped, outcome.error = False, True, str(exc)
             log.warning("backfill.pair_skipped", message=f"Skipping {ticker} {timeframe} for "
                         f"this run: {exc}", ticker=ticker, timeframe=timeframe.name,
                         status_code=exc.status_code)
-        except Exception as exc:  # one pair's failure must not stop the others
-            outcome.ok, outcome.error = False, str(exc)
-            log.error("backfill.pair_failed", message=f"Backfill of {ticker} {timeframe} failed: "
-                      f"{exc}", ticker=ticker, timeframe=timeframe.name,
-                      error_type=type(exc).__name__)
+            return
+        outcome.ok, outcome.error = False, str(exc)
+        log.error("backfill.pair_failed", message=f"Backfill of {ticker} {timeframe} failed: "
+                  f"{exc}", ticker=ticker, timeframe=timeframe.name,
+                  error_type=type(exc).__name__)
+
+    async def _finish_pair(self, ticker: str, timeframe: Timeframe,
+                           outcome: PairOutcome) -> None:
+        """Record the pair's result for ``status`` and report progress."""
         message = (f"ok: {outcome.inserted} new, {outcome.updated} changed" if outcome.ok
                    else f"failed: {outcome.error}")
         try:
@@ -376,6 +413,8 @@ class AutoBackfillScheduler:
         except Exception as exc:
             log.error("backfill.record_failed", message=f"Could not record the result of "
                       f"{ticker} {timeframe}: {exc}", ticker=ticker, timeframe=timeframe.name)
+        if self.progress is not None:
+            self.progress.pair_done(outcome)
 
     async def _write(self, ticker: str, timeframe: Timeframe, page: Page) -> WriteResult:
         """Write one page and its coverage, retrying while PostgreSQL is unreachable or

@@ -28,11 +28,16 @@ def exact_datetime(ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ms)
 
 
-def aggs_path(ticker: str, timeframe: Timeframe, from_: str, to: str) -> str:
-    """The aggregates path; the ticker goes in raw (``X:BTCUSD``, ``BRK.B``) once validated."""
+def series_path(ticker: str, timeframe: Timeframe) -> str:
+    """The aggregates path up to ``from``; the ticker goes in raw (``X:BTCUSD``, ``BRK.B``)
+    once validated."""
     validate_ticker(ticker)
-    return (f"/v2/aggs/ticker/{ticker}/range/{timeframe.multiplier}/"
-            f"{timeframe.timespan.value}/{from_}/{to}")
+    return f"/v2/aggs/ticker/{ticker}/range/{timeframe.multiplier}/{timeframe.timespan.value}/"
+
+
+def aggs_path(ticker: str, timeframe: Timeframe, from_: str, to: str) -> str:
+    """The aggregates path of one range."""
+    return f"{series_path(ticker, timeframe)}{from_}/{to}"
 
 
 def range_bounds(ticker: str, timeframe: Timeframe, start: datetime,
@@ -61,17 +66,20 @@ def range_filter(ticker: str, timeframe: Timeframe, start: datetime,
     return lambda t: start_ms <= t < end_ms
 
 
-def local_next_url(next_url: str) -> str:
+def local_next_url(next_url: str, series_path: str) -> str:
     """``next_url`` cut down to its aggregates path and query, for our own base URL.
 
     Its scheme, host and port are dropped (never follow a foreign host), and so is any
     ``apiKey`` parameter (auth travels in the header). Raises ValueError if it is not an
-    aggregates URL.
+    aggregates URL of the same series (``series_path``: ``/v2/aggs/ticker/T/range/M/S/``):
+    another ticker's or timespan's bars must never be stored under this one.
     """
     parts = urlsplit(next_url.strip())
     at = parts.path.find(_AGGS_PREFIX)
     if at < 0 or ".." in parts.path:
         raise ValueError("next_url is not an aggregates URL")
+    if not parts.path[at:].startswith(series_path):
+        raise ValueError("next_url leaves the series being fetched")
     kept = [piece for piece in parts.query.split("&")
             if piece and unquote(piece.split("=", 1)[0]).lower() != "apikey"]
     path = parts.path[at:]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import structlog
@@ -61,8 +62,15 @@ from polygon_backfill.errors import (
     SuspectEmptyError,
     TransientPolygonError,
 )
-from polygon_backfill.models import Bar, Timeframe, TimeRange, datetime_to_ms, validate_ticker
-from polygon_backfill.sessions import holds_full_session
+from polygon_backfill.models import (
+    Bar,
+    Timeframe,
+    TimeRange,
+    datetime_to_ms,
+    ms_to_datetime,
+    validate_ticker,
+)
+from polygon_backfill.sessions import holds_full_session, may_hold_bars
 
 log = structlog.get_logger(__name__)
 
@@ -103,11 +111,6 @@ class _Request:
     url: str
     params: dict[str, str] | None
     covers_from: datetime
-
-    @property
-    def key(self) -> str:
-        extra = "&".join(f"{k}={v}" for k, v in sorted((self.params or {}).items()))
-        return f"{self.url}|{extra}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,10 +228,15 @@ class PolygonClient:
                             f"page {pages}: {selection.first_reason}",
                     **job.context, page=pages, rejected=selection.rejected,
                     reason=selection.first_reason)
-            following = self._next_request(answer, request, to, job)
+            last_t = selection.bars[-1].t if selection.bars else None
+            following = self._next_request(answer, last_t, request, to, job)
             if following is not None and following.covers_from >= end:
                 following = None
             covered_end = end if following is None else following.covers_from
+            if selection.first_unsound_t is not None:
+                # An invalid bar inside the range is not "covered": the next run asks again.
+                covered_end = max(request.covers_from, min(
+                    covered_end, _urls.exact_datetime(selection.first_unsound_t)))
             log.debug("polygon.page_fetched",
                       message=f"Fetched page {pages} of {ticker} {timeframe}: "
                               f"{len(selection.bars)} bar(s)",
@@ -242,15 +250,15 @@ class PolygonClient:
         return {"adjusted": "true" if self._adjusted else "false", "sort": "asc",
                 "limit": str(self._page_limit)}
 
-    def _next_request(self, answer: AggregatesResponse, request: _Request, to: str,
-                      job: _Job) -> _Request | None:
+    def _next_request(self, answer: AggregatesResponse, last_t: int | None, request: _Request,
+                      to: str, job: _Job) -> _Request | None:
         """The page after this one: ``next_url`` on our base URL, or a hand-made
-        continuation after a suspiciously full page (pitfall 1), or None when done."""
-        raws = answer.results or []
-        last_t = max((raw.t for raw in raws), default=None)
+        continuation after a suspiciously full page (pitfall 1), or None when done.
+        ``last_t`` is the last bar kept: a stray bar past the range must not move it."""
         if answer.next_url:
             try:
-                url = _urls.local_next_url(answer.next_url)
+                url = _urls.local_next_url(
+                    answer.next_url, _urls.series_path(job.ticker, job.timeframe))
             except ValueError as exc:
                 raise PaginationError(str(exc), **job.context) from None
             starts = _urls.from_of(url, job.ticker)
@@ -261,6 +269,12 @@ class PolygonClient:
                 # page is not yielded, so no coverage is recorded for what it claims.
                 raise PaginationError("next_url does not advance past the page it follows",
                                       **job.context)
+            # Polygon's cursor carries limit and sort but not always adjusted: re-add what
+            # is missing, so every page of a range is the same series.
+            query = parse_qs(urlsplit(url).query)
+            missing = {key: value for key, value in self._params().items() if key not in query}
+            if missing:  # appended by hand: httpx's params= would replace the cursor
+                url += ("&" if "?" in url else "?") + urlencode(missing)
             return _Request(url, None, starts)
         counts = (answer.results_count, answer.query_count)
         if not any(count is not None and count >= self._page_limit for count in counts):
@@ -268,6 +282,9 @@ class PolygonClient:
         if last_t is None or last_t + 1 <= datetime_to_ms(request.covers_from):
             raise PaginationError("a full page without next_url did not advance",
                                   **job.context)
+        after_last = ms_to_datetime(last_t) + job.timeframe.duration
+        if not may_hold_bars(job.ticker, job.timeframe, after_last, job.span.end):
+            return None  # full, but no session is left in the range: nothing was cut off
         log.info("polygon.self_paginating",
                  message=f"Full page without next_url for {job.ticker} {job.timeframe}, "
                          f"continuing after t={last_t}",
@@ -289,9 +306,7 @@ class PolygonClient:
             async for attempt in retrying:
                 with attempt:
                     answer = await self._attempt(request, job)
-                    last_try = attempt.retry_state.attempt_number >= self._max_attempts
-                    if (answer.results_null and not last_try
-                            and self._expects_bars(request, job)):
+                    if answer.results_null and self._expects_bars(request, job):
                         raise SuspectEmptyError(
                             "results: null for a span holding a whole trading session",
                             **job.context)
@@ -308,14 +323,17 @@ class PolygonClient:
     @staticmethod
     def _expects_bars(request: _Request, job: _Job) -> bool:
         """Pitfall 4: ``results: null`` for a liquid ticker on a trading day happens under
-        load; such an answer is asked again before it is believed. A body without a
-        ``results`` key is Polygon's ordinary "no data" and is believed at once."""
+        load; such an answer is asked again, and never believed: when the attempts run out
+        the range fails (no coverage is recorded) and the next run asks again. A body
+        without a ``results`` key is Polygon's ordinary "no data" and is believed at once."""
         return holds_full_session(job.ticker, request.covers_from, job.span.end)
 
     def _wait(self, state: RetryCallState) -> float:
         """Retry-After when the server sent one (capped), else exponential 1, 2, 4, 8 s."""
         error = state.outcome.exception() if state.outcome else None
         hint = getattr(error, "retry_after_s", None)
+        if hint is None:  # an open circuit: wait for its probe, not less
+            hint = getattr(error, "retry_in_s", None)
         if hint is not None:
             return min(float(hint), self._max_wait_s)
         return float(self._backoff(state))
@@ -397,7 +415,13 @@ class PolygonClient:
         self.total_requests += 1
         started = time.monotonic()
         try:
-            response = await self._http.get(request.url, params=request.params)
+            # httpx's timeout bounds each phase; this bounds the whole exchange, so a body
+            # that trickles in forever is abandoned too.
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._http.get(request.url, params=request.params)
+        except TimeoutError as exc:
+            raise TransientPolygonError(
+                f"request took longer than {self._timeout_s:g} s", **job.context) from exc
         except httpx.TimeoutException as exc:
             raise TransientPolygonError(
                 f"request timed out after {self._timeout_s:g} s ({type(exc).__name__})",

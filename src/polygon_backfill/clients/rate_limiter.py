@@ -209,7 +209,7 @@ class AdaptiveRateLimiter:
         hold = ("" if retry_after_s is None else
                 f", holding {min(retry_after_s, self._max_hold_s):g} s (Retry-After)")
         log.warning("polygon.rate_reduced",
-                    message=f"Rate limited by the server: request rate cut from {before} to "
+                    message=f"Request rate cut after a 429, from {before} to "
                             f"{self._allowed} per {self._limit.period_s:g} s{hold}",
                     requests=self._allowed, previous=before, period_s=self._limit.period_s,
                     configured=self._limit.requests, retry_after_s=retry_after_s)

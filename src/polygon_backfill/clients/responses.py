@@ -89,6 +89,7 @@ class Selection:
     bars: list[Bar]
     rejected: int
     first_reason: str | None
+    first_unsound_t: int | None = None  # earliest in-range bar dropped as invalid
 
 
 def server_text(payload: object) -> str | None:
@@ -159,16 +160,19 @@ def select_bars(raws: Iterable[RawBar], in_range: Callable[[int], bool]) -> Sele
     kept: dict[int, Bar] = {}
     rejected = 0
     first_reason: str | None = None
+    unsound: list[int] = []
     for raw in raws:
-        reason = bar_problem(raw)
-        if reason is None and not in_range(raw.t):
-            reason = f"t={raw.t} outside the requested range"
+        if not in_range(raw.t):
+            reason: str | None = f"t={raw.t} outside the requested range"
+        elif (reason := bar_problem(raw)) is not None:
+            unsound.append(raw.t)
         if reason is not None:
             rejected += 1
             first_reason = first_reason or reason
             continue
         kept[raw.t] = to_bar(raw)
-    return Selection([kept[t] for t in sorted(kept)], rejected, first_reason)
+    return Selection([kept[t] for t in sorted(kept)], rejected, first_reason,
+                     min(unsound, default=None))
 
 
 def parse_grouped_daily(payload: Any) -> dict[str, Bar]:

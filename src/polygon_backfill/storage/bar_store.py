@@ -1,28 +1,32 @@
 """BarStore: bulk upsert of bars, coverage intervals and per-pair run results.
 
 A page of bars and the coverage row that vouches for it are written on one connection in
-one transaction (COPY into a temporary staging table, then ``INSERT ... ON CONFLICT`` from
-it), so a range is never marked fetched unless its bars are stored, and vice versa.
+one transaction, so a range is never marked fetched unless its bars are stored, and vice
+versa. The bars go in as binary COPY: straight into ``bars`` when the page's key range
+holds no stored bar yet (a backfill), else into a temporary staging table and from there
+by ``INSERT ... ON CONFLICT`` (a re-fetch).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Final
 
 import asyncpg
 
+from polygon_backfill.errors import StorageError
 from polygon_backfill.models import (
     Bar,
     Timeframe,
     TimeRange,
     merge_ranges,
-    ms_to_datetime,
     session_date,
     session_start,
 )
@@ -33,17 +37,34 @@ _CLOSE_TIMEOUT_S: Final = 10.0
 # Held for a whole backfill pass: one pass at a time per database, across processes.
 _BACKFILL_LOCK_ID: Final = 0x706F6C79_6A6F6273  # "polyjobs"
 
-_STAGING_COLUMNS: Final = ("bar_time", "session_date", "open", "high", "low", "close",
-                           "volume", "vwap", "trades")
+# Every column a page writes, in the order of the binary COPY rows; ``updated_at`` is
+# left to its default (the transaction's time on the server).
+_COPY_COLUMNS: Final = ("ticker", "timeframe", "bar_time", "session_date", "open", "high",
+                        "low", "close", "volume", "vwap", "trades")
 
-# Column types come from ``bars`` itself, so the two can never drift apart.
+# Fast path for a range with no stored bar yet (an ordinary backfill): COPY straight into
+# ``bars``. One index probe over the page's key range decides.
+_ANY_STORED_IN: Final = """
+SELECT EXISTS (
+    SELECT 1 FROM bars
+    WHERE ticker = $1 AND timeframe = $2 AND bar_time BETWEEN $3 AND $4)
+"""
+
+# One staging table per connection, created on its first merge and kept (temporary tables
+# live as long as the session; the pool does not discard them): creating and dropping one
+# per page costs catalog churn. Its rows vanish at the end of every transaction. Column
+# types come from ``bars`` itself, so the two can never drift apart.
 _CREATE_STAGING: Final = f"""
-CREATE TEMP TABLE bars_staging ON COMMIT DROP AS
-SELECT {", ".join(_STAGING_COLUMNS)} FROM bars WITH NO DATA
+CREATE TEMP TABLE IF NOT EXISTS bars_staging ON COMMIT DELETE ROWS AS
+SELECT {", ".join(_COPY_COLUMNS)} FROM bars WITH NO DATA
 """
 
 # Rows go in key order so concurrent writers lock keys in the same order (no deadlocks).
-# An identical re-write matches the WHERE of no row: not touched, not returned.
+# Rows identical to the stored ones are filtered out by a read-only join first: ON CONFLICT
+# would lock (and WAL-log) each of them before its WHERE found nothing to change. The
+# ON CONFLICT clause stays for keys another writer stores meanwhile, and its WHERE for rows
+# another writer changed to our values meanwhile. ``$3``/``$4`` bound the page's key range
+# so that only that slice of the pair is read.
 _UPSERT_FROM_STAGING: Final = """
 WITH upserted AS (
     INSERT INTO bars AS b (ticker, timeframe, bar_time, session_date,
@@ -51,6 +72,13 @@ WITH upserted AS (
     SELECT $1, $2, s.bar_time, s.session_date,
            s.open, s.high, s.low, s.close, s.volume, s.vwap, s.trades
     FROM bars_staging AS s
+    WHERE NOT EXISTS (
+        SELECT 1 FROM bars AS x
+        WHERE x.ticker = $1 AND x.timeframe = $2 AND x.bar_time BETWEEN $3 AND $4
+          AND x.bar_time = s.bar_time
+          AND (x.open, x.high, x.low, x.close, x.volume, x.vwap, x.trades)
+              IS NOT DISTINCT FROM
+              (s.open, s.high, s.low, s.close, s.volume, s.vwap, s.trades))
     ORDER BY s.bar_time
     ON CONFLICT (ticker, timeframe, bar_time) DO UPDATE SET
         session_date = EXCLUDED.session_date,
@@ -68,13 +96,12 @@ SELECT count(*) FILTER (WHERE inserted) AS inserted,
 FROM upserted
 """
 
-# A new fetch supersedes older coverage rows lying entirely inside it.
-_DROP_SUPERSEDED_COVERAGE: Final = """
-DELETE FROM coverage
-WHERE ticker = $1 AND timeframe = $2 AND range_start >= $3 AND range_end <= $4
-"""
-
-_INSERT_COVERAGE: Final = """
+# A new fetch supersedes older coverage rows lying entirely inside it (one round trip).
+_RECORD_COVERAGE: Final = """
+WITH superseded AS (
+    DELETE FROM coverage
+    WHERE ticker = $1 AND timeframe = $2 AND range_start >= $3 AND range_end <= $4
+)
 INSERT INTO coverage (ticker, timeframe, range_start, range_end, bar_count)
 VALUES ($1, $2, $3, $4, $5)
 """
@@ -132,9 +159,6 @@ SELECT bar_time, open, high, low, close, volume, vwap, trades FROM bars
 WHERE ticker = $1 AND timeframe = $2 ORDER BY bar_time
 """
 
-_Row = tuple[datetime, date | None, float, float, float, float,
-             float | None, float | None, int | None]
-
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
@@ -185,25 +209,91 @@ class StoredBar:
     trades: int | None
 
 
-def _dedupe(ticker: str, timeframe: Timeframe, bars: Sequence[Bar]) -> list[_Row]:
-    """Staging rows keyed by canonical bar time; a later bar replaces an earlier one.
+# PostgreSQL's binary COPY format: a header, then per row a 16-bit field count and each
+# field as a 32-bit length (-1 for NULL) and its bytes, then a -1 trailer. Timestamps are
+# microseconds and dates days since 2000-01-01; float8 is IEEE big-endian, so exact.
+_COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_TRAILER: Final = b"\xff\xff"
+_PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
+_PG_EPOCH_MS: Final = 946_684_800_000
+_PG_EPOCH_DAY: Final = date(2000, 1, 1).toordinal()
+_UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
 
-    Same keys as ``models.canonical_bar_time``, with the daily/intraday branch taken once
-    per page rather than per bar.
+
+@dataclass(frozen=True, slots=True)
+class _EncodedPage:
+    """A deduplicated page as binary COPY data, with its row count and key range."""
+
+    payload: memoryview  # not bytes: asyncpg would take bytes for a file name
+    count: int
+    first: datetime
+    last: datetime
+
+
+@functools.lru_cache(maxsize=256)
+def _row_format(ticker_len: int, timeframe_len: int,
+                present: tuple[bool, bool, bool, bool]) -> struct.Struct:
+    """One row's binary COPY layout; ``present`` says which of session_date, volume, vwap
+    and trades carry a value (a NULL is a bare -1 length)."""
+    day, volume, vwap, trades = present
+    return struct.Struct(
+        f">h i{ticker_len}s i{timeframe_len}s iq" + ("ii" if day else "i") + "id" * 4
+        + ("id" if volume else "i") + ("id" if vwap else "i") + ("iq" if trades else "i"))
+
+
+def _pack_row(head: tuple[int, int, bytes, int, bytes], bar_time_us: int, day: int | None,
+              bar: Bar) -> bytes:
+    """Any row, NULLs included (indices, daily bars); the intraday loop inlines its
+    common case."""
+    optional = (bar.volume, bar.vwap, bar.trades)
+    layout = _row_format(head[1], head[3], (day is not None,
+                                            *(value is not None for value in optional)))
+    args: list[object] = [*head, 8, bar_time_us]
+    args += (4, day) if day is not None else (-1,)
+    args += (8, bar.open, 8, bar.high, 8, bar.low, 8, bar.close)
+    for value in optional:
+        args += (8, value) if value is not None else (-1,)
+    return layout.pack(*args)
+
+
+def _encode_page(ticker: str, timeframe: Timeframe, bars: Sequence[Bar]) -> _EncodedPage:
+    """Deduplicate (a later bar replaces an earlier one with the same canonical time) and
+    encode in key order, so that concurrent writers lock keys in the same order.
+
+    Encoding ourselves skips a ``datetime`` per bar and asyncpg's per-value codec calls:
+    the bulk of the Python time of a page. Keys are those of ``models.canonical_bar_time``:
+    the bar's start for intraday bars, the session's local midnight for daily ones.
     """
-    rows: dict[datetime, _Row] = {}
+    ticker_b, timeframe_b = ticker.encode(), timeframe.name.encode()
+    head = (len(_COPY_COLUMNS), len(ticker_b), ticker_b, len(timeframe_b), timeframe_b)
+    out = [_COPY_HEADER]
+    append = out.append
     if timeframe.is_daily:
-        for bar in bars:
-            day = session_date(ticker, bar.t)
-            key = session_start(ticker, day)
-            rows[key] = (key, day, bar.open, bar.high, bar.low, bar.close,
-                         bar.volume, bar.vwap, bar.trades)
+        by_day = {session_date(ticker, bar.t): bar for bar in bars}
+        days = sorted(by_day)
+        starts = [session_start(ticker, day) for day in days]
+        for day, start in zip(days, starts, strict=True):
+            append(_pack_row(head, (start - _PG_EPOCH) // _MICROSECOND,
+                             day.toordinal() - _PG_EPOCH_DAY, by_day[day]))
+        first, last = (starts[0], starts[-1]) if starts else (_PG_EPOCH, _PG_EPOCH)
     else:
-        for bar in bars:
-            key = ms_to_datetime(bar.t)
-            rows[key] = (key, None, bar.open, bar.high, bar.low, bar.close,
-                         bar.volume, bar.vwap, bar.trades)
-    return list(rows.values())
+        by_ms = {bar.t: bar for bar in bars}
+        keys = sorted(by_ms)
+        pack = _row_format(head[1], head[3], (False, True, True, True)).pack
+        for t in keys:
+            bar = by_ms[t]
+            us = (t - _PG_EPOCH_MS) * 1000
+            if bar.volume is None or bar.vwap is None or bar.trades is None:
+                append(_pack_row(head, us, None, bar))
+                continue
+            append(pack(*head, 8, us, -1, 8, bar.open, 8, bar.high, 8, bar.low,
+                        8, bar.close, 8, bar.volume, 8, bar.vwap, 8, bar.trades))
+        first, last = ((_UNIX_EPOCH + timedelta(milliseconds=keys[0]),
+                        _UNIX_EPOCH + timedelta(milliseconds=keys[-1]))
+                       if keys else (_PG_EPOCH, _PG_EPOCH))
+    append(_COPY_TRAILER)
+    return _EncodedPage(memoryview(b"".join(out)), len(out) - 2, first, last)
 
 
 class BarStore:
@@ -247,27 +337,53 @@ class BarStore:
         A zero-length ``covered`` records nothing. Coverage rows lying inside ``covered``
         are replaced by it.
         """
-        rows = _dedupe(ticker, timeframe, bars)
         tf = timeframe.name
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                inserted = updated = 0
-                if rows:
-                    await conn.execute(_CREATE_STAGING)
-                    await conn.copy_records_to_table(
-                        "bars_staging", records=rows, columns=_STAGING_COLUMNS)
-                    counts = await conn.fetchrow(_UPSERT_FROM_STAGING, ticker, tf)
-                    inserted, updated = counts["inserted"], counts["updated"]
-                if not covered.empty:
-                    await conn.execute(_DROP_SUPERSEDED_COVERAGE,
-                                       ticker, tf, covered.start, covered.end)
-                    await conn.execute(_INSERT_COVERAGE,
-                                       ticker, tf, covered.start, covered.end, len(rows))
+            page = _encode_page(ticker, timeframe, bars)
+        except (struct.error, OverflowError, TypeError) as exc:
+            # asyncpg would refuse these too (a value no column type holds).
+            raise StorageError(f"writing {len(bars)} {tf} bars for {ticker} failed: "
+                               f"a value PostgreSQL cannot store: {exc}") from exc
+        try:
+            async with self._pool.acquire() as conn:
+                try:
+                    inserted, updated = await self._write(conn, ticker, tf, page, covered,
+                                                          fast=True)
+                except asyncpg.UniqueViolationError:
+                    # Another writer stored a key of this range after our probe (only the
+                    # fast path's plain COPY can collide): redo the page as a merge.
+                    inserted, updated = await self._write(conn, ticker, tf, page, covered,
+                                                          fast=False)
         except DATABASE_ERRORS as exc:
-            raise storage_error(f"writing {len(rows)} {tf} bars for {ticker}", exc) from exc
+            raise storage_error(f"writing {page.count} {tf} bars for {ticker}", exc) from exc
         return WriteResult(inserted=inserted, updated=updated,
-                           unchanged=len(rows) - inserted - updated,
-                           rejected_duplicates=len(bars) - len(rows))
+                           unchanged=page.count - inserted - updated,
+                           rejected_duplicates=len(bars) - page.count)
+
+    @staticmethod
+    async def _write(conn: asyncpg.Connection, ticker: str, tf: str, page: _EncodedPage,
+                     covered: TimeRange, *, fast: bool) -> tuple[int, int]:
+        """One transaction: the bars (COPY when ``fast`` and the range holds none yet, else
+        staging and merge) and the coverage row. Returns (inserted, updated)."""
+        inserted = updated = 0
+        async with conn.transaction():
+            if page.count:
+                if fast and not await conn.fetchval(_ANY_STORED_IN, ticker, tf,
+                                                    page.first, page.last):
+                    await conn.copy_to_table("bars", source=page.payload,
+                                             columns=_COPY_COLUMNS, format="binary")
+                    inserted = page.count
+                else:
+                    await conn.execute(_CREATE_STAGING)
+                    await conn.copy_to_table("bars_staging", source=page.payload,
+                                             columns=_COPY_COLUMNS, format="binary")
+                    counts = await conn.fetchrow(_UPSERT_FROM_STAGING, ticker, tf,
+                                                 page.first, page.last)
+                    inserted, updated = counts["inserted"], counts["updated"]
+            if not covered.empty:
+                await conn.execute(_RECORD_COVERAGE, ticker, tf, covered.start, covered.end,
+                                   page.count)
+        return inserted, updated
 
     async def coverage(self, ticker: str, timeframe: Timeframe) -> list[TimeRange]:
         """Every range fetched so far, merged; the gaps between them are holes to fill."""

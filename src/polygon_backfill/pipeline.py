@@ -1,0 +1,218 @@
+"""The best mode: fetching and writing overlap, and the rate limiter sets the pace.
+
+Each missing range starts as one request. When its first page shows there is more (a
+``next_url``), the rest is cut into pieces of one request each (``planner.split_range``,
+from the calendar) that are fetched at the same time instead of one ``next_url`` after
+another. Asking first costs nothing (the first page is needed anyway) and keeps a range whose
+data starts late (a backfill start before the listing) at one request instead of many. A
+range is cut into at most ``max_in_flight`` pieces, each a whole number of requests, so an
+estimate that overshoots (data ending early) wastes at most that many requests.
+
+A fixed number of fetchers (``max_in_flight``) keeps the rate limiter busy: when one
+request ends another starts, with no barrier waiting for the slowest of a group. Pages
+go onto a bounded queue that one writer drains, so database time hides under API time and
+memory is bounded by the pages in flight plus the queue, however long the backfill.
+
+Tickers still enter in groups of ``group_size`` (logged as ``Processing symbol group``),
+but a group starts as soon as the fetchers reach it, not after the previous one finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+
+from polygon_backfill.clients import Page
+from polygon_backfill.clock import Clock
+from polygon_backfill.errors import AuthenticationError
+from polygon_backfill.models import Timeframe, TimeRange
+from polygon_backfill.planner import SymbolWork, estimated_requests, split_range
+from polygon_backfill.storage import WriteResult
+from polygon_backfill.summary import PairOutcome, TickerResult
+
+log = structlog.get_logger(__name__)
+
+FetchPages = Callable[[str, Timeframe, datetime, datetime], AsyncIterator[Page]]
+WritePage = Callable[[str, Timeframe, Page], Awaitable[WriteResult]]
+NoteFailure = Callable[[str, Timeframe, PairOutcome, Exception], None]
+FinishPair = Callable[[str, Timeframe, PairOutcome], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    ticker: str
+    timeframe: Timeframe
+    span: TimeRange
+    group: int
+    first: bool = True  # a whole range, not yet split after its first page
+
+
+@dataclass(slots=True)
+class _PairState:
+    outcome: PairOutcome
+    pieces_left: int
+    errors: list[Exception] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _PieceDone:
+    """Sent after a piece's last page: the writer counts pieces to know a pair is done."""
+
+    key: tuple[str, str]
+    error: Exception | None
+
+
+_END = object()
+
+
+class PipelinedBackfill:
+    """One pass in the best mode; ``run`` returns per-ticker results like the other modes."""
+
+    def __init__(self, *, fetch: FetchPages, write: WritePage, note_failure: NoteFailure,
+                 finish_pair: FinishPair, stop: asyncio.Event, clock: Clock,
+                 max_in_flight: int, queued_pages: int, group_size: int,
+                 page_limit: int) -> None:
+        self._fetch = fetch
+        self._write = write
+        self._note_failure = note_failure
+        self._finish_pair = finish_pair
+        self._stop = stop
+        self._clock = clock
+        self._max_in_flight = max_in_flight
+        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=queued_pages)
+        self._group_size = group_size
+        self._page_limit = page_limit
+        self._pairs: dict[tuple[str, str], _PairState] = {}
+        self._results: dict[str, TickerResult] = {}
+        self._groups: list[list[str]] = []
+        self._groups_started: set[int] = set()
+        self._fatal: AuthenticationError | None = None
+        self._todo: asyncio.Queue[_Piece] = asyncio.Queue()
+
+    async def run(self, plan: Sequence[SymbolWork]) -> dict[str, TickerResult]:
+        pieces = self._pieces(plan)
+        for piece in pieces:
+            self._todo.put_nowait(piece)
+        writer = asyncio.ensure_future(self._drain())
+        fetchers = [asyncio.ensure_future(self._fetcher())
+                    for _ in range(min(self._max_in_flight, max(1, len(pieces))))]
+        try:
+            await asyncio.gather(*fetchers)
+        finally:
+            await self._queue.put(_END)
+            await writer
+        for key, state in self._pairs.items():  # pieces never started (a stop)
+            if state.pieces_left:
+                state.outcome.ok = False
+                state.outcome.error = state.outcome.error or "stopped before completion"
+                await self._finish_pair(key[0], Timeframe.parse(key[1]), state.outcome)
+        if self._fatal is not None:
+            raise self._fatal
+        return self._results
+
+    def _pieces(self, plan: Sequence[SymbolWork]) -> list[_Piece]:
+        tickers = [work.ticker for work in plan]
+        self._groups = [tickers[i:i + self._group_size]
+                        for i in range(0, len(tickers), self._group_size)]
+        pieces: list[_Piece] = []
+        for index, work in enumerate(plan):
+            result = self._results.setdefault(work.ticker, TickerResult(work.ticker))
+            for timeframe in work.timeframes:
+                outcome = PairOutcome(work.ticker, timeframe.name)
+                result.pairs.append(outcome)
+                spans = [span for tf, span in work.ranges if tf == timeframe]
+                outcome.ranges = len(spans)
+                self._pairs[(work.ticker, timeframe.name)] = _PairState(outcome, len(spans))
+                pieces += [_Piece(work.ticker, timeframe, span, index // self._group_size)
+                           for span in spans]
+        return pieces
+
+    async def _fetcher(self) -> None:
+        while not self._stop.is_set():
+            try:
+                piece = self._todo.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            self._announce(piece.group)
+            error: Exception | None = None
+            try:
+                pages = self._fetch(piece.ticker, piece.timeframe, piece.span.start,
+                                    piece.span.end)
+                async with aclosing(pages):
+                    async for page in pages:
+                        await self._queue.put((piece, page))
+                        if self._stop.is_set():
+                            error = RuntimeError("stopped before completion")
+                            break
+                        if piece.first and page.covered.end < piece.span.end:
+                            self._split_rest(piece, page.covered.end)
+                            break
+            except AuthenticationError as exc:
+                self._fatal = exc
+                self._stop.set()
+                error = exc
+            except Exception as exc:  # reported per pair by the writer
+                error = exc
+            await self._queue.put(_PieceDone((piece.ticker, piece.timeframe.name), error))
+
+    def _split_rest(self, piece: _Piece, done_until: datetime) -> None:
+        """Queue the rest of a range as pieces of one request each, fetched concurrently."""
+        rest = TimeRange(done_until, piece.span.end)
+        requests = estimated_requests(piece.ticker, piece.timeframe, rest, self._page_limit)
+        per_piece = max(1, math.ceil(requests / self._max_in_flight))
+        spans = split_range(piece.ticker, piece.timeframe, rest, self._page_limit * per_piece)
+        self._pairs[(piece.ticker, piece.timeframe.name)].pieces_left += len(spans)
+        for span in spans:
+            self._todo.put_nowait(_Piece(piece.ticker, piece.timeframe, span, piece.group,
+                                         first=False))
+
+    def _announce(self, group: int) -> None:
+        if group in self._groups_started:
+            return
+        self._groups_started.add(group)
+        tickers = self._groups[group]
+        log.info("scheduler.group_started",
+                 message=f"Processing symbol group {group + 1}/{len(self._groups)}: {tickers}",
+                 group=group + 1, groups=len(self._groups), tickers=tickers)
+
+    async def _drain(self) -> None:
+        """The single writer: pages in arrival order, then each pair's result once done."""
+        while (item := await self._queue.get()) is not _END:
+            if isinstance(item, _PieceDone):
+                await self._piece_done(item)
+                continue
+            piece, page = item  # type: ignore[misc]
+            state = self._pairs[(piece.ticker, piece.timeframe.name)]
+            started = self._clock.monotonic()
+            try:
+                written = await self._write(piece.ticker, piece.timeframe, page)
+            except Exception as exc:
+                state.errors.append(exc)
+                continue
+            finally:
+                self._results[piece.ticker].db_seconds += self._clock.monotonic() - started
+            state.outcome.pages += 1
+            state.outcome.inserted += written.inserted
+            state.outcome.updated += written.updated
+            state.outcome.rejected += page.rejected
+
+    async def _piece_done(self, done: _PieceDone) -> None:
+        state = self._pairs[done.key]
+        if done.error is not None:
+            state.errors.append(done.error)
+        state.pieces_left -= 1
+        if state.pieces_left:
+            return
+        ticker, timeframe = done.key[0], Timeframe.parse(done.key[1])
+        for error in state.errors[:1]:  # one line per pair, the first cause
+            if not isinstance(error, AuthenticationError):
+                self._note_failure(ticker, timeframe, state.outcome, error)
+            else:
+                state.outcome.ok, state.outcome.error = False, str(error)
+        await self._finish_pair(ticker, timeframe, state.outcome)
