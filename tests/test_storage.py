@@ -107,8 +107,6 @@ async def test_write_then_fetch_returns_exact_values(bar_store: BarStore) -> Non
     ]
     assert await bar_store.fetch_bars("I:SPX", M1) == [
         StoredBar(utc("2019-11-05 14:30"), 3080.8, 3081.47, 3080.3, 3080.49, None, None, None)]
-    assert await bar_store.last_bar_time("AAPL", M1) == utc("2019-11-05 14:31")
-    assert await bar_store.last_bar_time("AAPL", D1) is None
 
 
 async def test_grouped_and_per_ticker_daily_bars_share_one_row(
@@ -374,7 +372,8 @@ async def test_coverage_merges_and_keeps_verified_empty_ranges(
                                                    span("2024-01-15", "2024-01-16")]
     assert await bar_store.coverage("AAPL", M1) == []
 
-    # A fetch spanning older ones supersedes them: the log stays short.
+    # A fetch spanning, touching or overlapping older ones merges with them: one row per
+    # continuous stretch, however many runs re-fetched its trailing window.
     await bar_store.write_page("AAPL", D1, [], span("2024-01-01", "2024-01-12"))
     assert await bar_store.coverage("AAPL", D1) == [span("2024-01-01", "2024-01-12"),
                                                    span("2024-01-15", "2024-01-16")]
@@ -483,5 +482,4 @@ async def test_open_database_without_a_url_runs_an_embedded_server(tmp_path: Pat
                                span("2024-01-02 14:30", "2024-01-02 14:32"))
     async with open_database(None, pg_dir) as store:
         assert len(await store.fetch_bars("AAPL", M1)) == 2
-        assert await store.last_bar_time("AAPL", M1) == utc("2024-01-02 14:31")
     assert (pg_dir / "PG_VERSION").exists()

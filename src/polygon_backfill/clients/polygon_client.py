@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +28,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import structlog
+from pydantic_core import from_json
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -45,6 +45,7 @@ from polygon_backfill.clients.responses import (
     SUCCESS_STATUSES,
     AggregatesResponse,
     PayloadError,
+    ReadBars,
     parse_aggregates,
     read_status,
     select_bars,
@@ -73,6 +74,9 @@ from polygon_backfill.models import (
 from polygon_backfill.sessions import holds_full_session, may_hold_bars
 
 log = structlog.get_logger(__name__)
+
+# A decoded answer: its top level, and its bars read and checked.
+_Answer = tuple[AggregatesResponse, ReadBars]
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -218,9 +222,8 @@ class PolygonClient:
             if pages >= self._max_pages:
                 raise PaginationError(f"page cap of {self._max_pages} reached", **job.context)
             pages += 1
-            answer = await self._fetch_page(request, job)
-            raws = answer.results or []
-            selection = select_bars(raws, in_range)
+            answer, read = await self._fetch_page(request, job)
+            selection = select_bars(read, in_range)
             if selection.rejected:
                 log.warning(
                     "polygon.bars_rejected",
@@ -292,7 +295,7 @@ class PolygonClient:
         url = _urls.aggs_path(job.ticker, job.timeframe, str(last_t + 1), to)
         return _Request(url, self._params(), _urls.exact_datetime(last_t + 1))
 
-    async def _fetch_page(self, request: _Request, job: _Job) -> AggregatesResponse:
+    async def _fetch_page(self, request: _Request, job: _Job) -> _Answer:
         """One page with retries; after the last attempt the last error is raised as is."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._max_attempts),
@@ -306,7 +309,7 @@ class PolygonClient:
             async for attempt in retrying:
                 with attempt:
                     answer = await self._attempt(request, job)
-                    if answer.results_null and self._expects_bars(request, job):
+                    if answer[0].results_null and self._expects_bars(request, job):
                         raise SuspectEmptyError(
                             "results: null for a span holding a whole trading session",
                             **job.context)
@@ -356,7 +359,7 @@ class PolygonClient:
                                 f"waiting {wait:.1f} s",
                         reason=str(error), **fields)
 
-    async def _attempt(self, request: _Request, job: _Job) -> AggregatesResponse:
+    async def _attempt(self, request: _Request, job: _Job) -> _Answer:
         """One attempt: ask the breaker, wait for the limiter, send, and report the outcome.
 
         A 429's Retry-After is both the limiter's hold (an absolute deadline, so every task
@@ -407,7 +410,7 @@ class PolygonClient:
         if self._breaker is not None:
             self._breaker.record_success()
 
-    async def _send(self, request: _Request, job: _Job) -> AggregatesResponse:
+    async def _send(self, request: _Request, job: _Job) -> _Answer:
         """One HTTP request, with transport failures mapped into the error tree.
 
         ``api_seconds`` is measured here, so time spent waiting in the limiter is not in it.
@@ -438,7 +441,7 @@ class PolygonClient:
             self.api_seconds += time.monotonic() - started
         return self._read(response, job)
 
-    def _read(self, response: httpx.Response, job: _Job) -> AggregatesResponse:
+    def _read(self, response: httpx.Response, job: _Job) -> _Answer:
         """Turn a response into an answer or the matching error."""
         code = response.status_code
         context: dict[str, Any] = {**job.context, "status_code": code}
@@ -458,7 +461,7 @@ class PolygonClient:
             raise kind("request refused", server_message=self._error_text(response),
                        **context)
         try:
-            payload = json.loads(response.content)
+            payload = from_json(response.content, allow_inf_nan=True)
         except ValueError:
             raise MalformedResponseError(
                 f"body is not valid JSON ({len(response.content)} bytes)", **context) from None
@@ -481,7 +484,7 @@ class PolygonClient:
     def _error_text(self, response: httpx.Response) -> str | None:
         """The server's ``error``/``message``, or the start of a non-JSON body."""
         try:
-            return self._message(json.loads(response.content))
+            return self._message(from_json(response.content, allow_inf_nan=True))
         except ValueError:
             text = response.text.strip()[:200]
             return self._redact(text) if text else None

@@ -98,12 +98,13 @@ FROM upserted
 
 # A new fetch supersedes older coverage rows lying entirely inside it (one round trip).
 _RECORD_COVERAGE: Final = """
-WITH superseded AS (
+WITH joined AS (
     DELETE FROM coverage
-    WHERE ticker = $1 AND timeframe = $2 AND range_start >= $3 AND range_end <= $4
+    WHERE ticker = $1 AND timeframe = $2 AND range_start <= $4 AND range_end >= $3
+    RETURNING range_start, range_end
 )
 INSERT INTO coverage (ticker, timeframe, range_start, range_end, bar_count)
-VALUES ($1, $2, $3, $4, $5)
+SELECT $1, $2, least($3, min(range_start)), greatest($4, max(range_end)), $5 FROM joined
 """
 
 _SELECT_COVERAGE: Final = """
@@ -392,16 +393,6 @@ class BarStore:
         except DATABASE_ERRORS as exc:
             raise storage_error(f"reading coverage of {ticker} {timeframe}", exc) from exc
         return merge_ranges(TimeRange(row["range_start"], row["range_end"]) for row in rows)
-
-    async def last_bar_time(self, ticker: str, timeframe: Timeframe) -> datetime | None:
-        """The newest stored bar's canonical time, None when there is none."""
-        try:
-            value: datetime | None = await self._pool.fetchval(
-                "SELECT max(bar_time) FROM bars WHERE ticker = $1 AND timeframe = $2",
-                ticker, timeframe.name)
-        except DATABASE_ERRORS as exc:
-            raise storage_error(f"reading the last bar of {ticker} {timeframe}", exc) from exc
-        return value
 
     async def record_result(self, ticker: str, timeframe: Timeframe, *, ok: bool,
                             message: str, at: datetime) -> None:
