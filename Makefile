@@ -32,5 +32,11 @@ lint: $(STAMP)
 sandbox: $(STAMP)
 	$(BIN)/polygon-backfill sandbox --data-dir $(SHARED_DATA)
 
+## Speed: the seed's workload, every mode and the official client side by side (a few
+## minutes), then the bulk-upsert micro-benchmark. Figures in README.md; JSON in bench/results.
+bench: $(STAMP)
+	$(BIN)/python -m bench.speed $(BENCH_ARGS)
+	$(BIN)/python -m bench.upsert
+
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache

@@ -34,3 +34,13 @@ class FakeClock:
         target = self._now_s + max(0.0, seconds)
         await asyncio.sleep(0)
         self._now_s = max(self._now_s, target)
+
+
+class RecordingSleep:
+    """Stands in for asyncio.sleep: records each wait and returns at once."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from polygon_backfill.clients import CircuitBreaker, PolygonClient, ServerError
 from polygon_backfill.errors import CircuitOpenError, NotAuthorizedError, RateLimitedError
 from polygon_backfill.models import Timeframe
-from tests.support import FakeClock
+from tests.support import FakeClock, RecordingSleep
 
 BASE_URL = "https://api.test.polygon"
 DAY = Timeframe.parse("1d")
@@ -141,16 +141,6 @@ def test_bad_arguments_are_refused() -> None:
 
 
 # --- inside PolygonClient -------------------------------------------------------------------
-
-
-class RecordingSleep:
-    """Stands in for asyncio.sleep: records each wait and returns at once."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
 
 
 def _ok() -> httpx.Response:

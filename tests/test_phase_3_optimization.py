@@ -22,23 +22,13 @@ from polygon_backfill.sandbox import SandboxConfig, SandboxServer
 from polygon_backfill.scheduler import AutoBackfillScheduler
 from polygon_backfill.storage import BarStore
 from polygon_backfill.summary import TickerResult
-from tests.support import FakeClock
+from tests.support import FakeClock, RecordingSleep
 
 BASE_URL = "https://api.test.polygon"
 DAY = Timeframe.parse("1d")
 START = datetime(2023, 1, 3, 5, tzinfo=UTC)
 END = datetime(2023, 1, 5, 5, tzinfo=UTC)
 AAPL_DAY_URL = f"{BASE_URL}/v2/aggs/ticker/AAPL/range/1/day/2023-01-03/2023-01-04"
-
-
-class RecordingSleep:
-    """Stands in for asyncio.sleep: records each wait and returns at once."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
 
 
 def _bar(t: int, price: float = 100.0) -> dict[str, float | int]:

@@ -32,7 +32,7 @@ from polygon_backfill.errors import (
     TransientPolygonError,
 )
 from polygon_backfill.models import Bar, Timeframe, TimeRange, ms_to_datetime
-from tests.support import FakeClock
+from tests.support import FakeClock, RecordingSleep
 
 BASE_URL = "https://api.test.polygon"
 KEY = "sk-SECRET-0123456789"
@@ -44,16 +44,6 @@ START = datetime(2023, 7, 31, 8, tzinfo=UTC)
 END = START + timedelta(hours=1)
 LAST = T0 + 3_599_999
 MIN_PATH = "/v2/aggs/ticker/AAPL/range/1/minute"
-
-
-class RecordingSleep:
-    """Stands in for asyncio.sleep: records each wait and returns at once."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
 
 
 def bar(t: int, price: float = 100.0, **extra: Any) -> dict[str, Any]:

@@ -8,11 +8,12 @@ at once (the free plan's 5 requests go out together, not one every 12 s).
 
 A request reaches the server somewhere between the moment it is sent and the moment its
 answer comes back, and that spread is not constant (a busy server stamps arrivals late; a
-cold connection adds a handshake). So a request made through :meth:`slot` counts as in the
-window from its start until its answer plus P: the only bound that holds whatever the
-latency. Measured against a sandbox enforcing 10/s, start times alone gave one 429 per
-backfill from such jitter; completion times gave none. The price is at most one latency per
-window (latency / P of the throughput: nothing on the free plan's minute).
+cold connection adds a handshake). Measured against a sandbox enforcing 10/s, start times
+alone gave one 429 per backfill from such jitter. So a request made through :meth:`slot`
+counts as arriving at its answer, or ``jitter_share`` of the period after its start if the
+answer takes longer (5%: 50 ms at 1 s, 3 s on the free plan's minute). Arrival jitter up
+to that bound cannot push a window over, and a slow answer costs at most that share of the
+throughput, not its whole latency.
 
 Why not aiolimiter: its leaky bucket with capacity N lets up to 2N - 1 requests through in
 one window (a full bucket drains N at once, then refills while they run), which breaks the
@@ -24,9 +25,9 @@ injected :class:`~polygon_backfill.clock.Clock` are simpler than either workarou
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import re
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class AdaptiveRateLimiter:
     """
 
     def __init__(self, limit: RateLimit, *, clock: Clock | None = None, margin: float = 0.01,
+                 jitter_share: float = 0.05,
                  restore_after: int = 10, restore_every_periods: float = 10.0,
                  max_hold_s: float = 300.0) -> None:
         if margin < 0 or restore_after < 1 or max_hold_s < 0 or restore_every_periods < 0:
@@ -114,14 +116,15 @@ class AdaptiveRateLimiter:
         self._limit = limit
         self._clock = clock or SystemClock()
         self._window_s = limit.period_s * (1 + margin)
+        self._jitter_s = limit.period_s * jitter_share
         self._restore_after = restore_after
         self._restore_gap_s = restore_every_periods * limit.period_s
         self._max_hold_s = max_hold_s
         self._step = max(1, math.ceil(limit.requests / 10))
         self._allowed = limit.requests
-        # When each of the last N requests left the window's count: answered (or started, for
-        # a bare acquire()). Appended in time order, so the deque stays sorted.
-        self._starts: deque[float] = deque(maxlen=limit.requests)
+        # When each of the last N requests counts as having reached the server (see the
+        # module docstring), kept sorted: a slow answer is stamped before a quick later one.
+        self._starts: list[float] = []
         self._in_flight = 0
         self._freed = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -151,7 +154,7 @@ class AdaptiveRateLimiter:
         whose requests take no time; the client uses :meth:`slot`)."""
         async with self._lock:
             await self._wait_for_room()
-            self._starts.append(self._clock.monotonic())
+            self._stamp(self._clock.monotonic())
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -159,12 +162,18 @@ class AdaptiveRateLimiter:
         async with self._lock:
             await self._wait_for_room()
             self._in_flight += 1
+            started = self._clock.monotonic()
         try:
             yield
         finally:
             self._in_flight -= 1
-            self._starts.append(self._clock.monotonic())
+            self._stamp(min(self._clock.monotonic(), started + self._jitter_s))
             self._freed.set()
+
+    def _stamp(self, moment: float) -> None:
+        bisect.insort(self._starts, moment)
+        if len(self._starts) > self._limit.requests:
+            del self._starts[0]
 
     async def _wait_for_room(self) -> None:
         """Sleep until one more request fits; called with the lock held (FIFO)."""
