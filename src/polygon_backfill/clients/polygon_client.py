@@ -245,8 +245,12 @@ class PolygonClient:
                               f"{len(selection.bars)} bar(s)",
                       **job.context, page=pages, bars=len(selection.bars),
                       rejected=selection.rejected, more=following is not None)
-            yield Page(selection.bars, TimeRange(request.covers_from, covered_end),
-                       selection.rejected)
+            page = Page(selection.bars, TimeRange(request.covers_from, covered_end),
+                        selection.rejected)
+            # The decoded body (a dict per bar) is several times the page's size: drop it
+            # before suspending, or every paused fetcher would keep one alive.
+            del answer, read, selection
+            yield page
             request = following
 
     def _params(self) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -55,3 +57,12 @@ def storage_error(action: str, exc: BaseException, *, dsn: str | None = None) ->
     code = f" [SQLSTATE {sqlstate}]" if isinstance(sqlstate, str) else ""
     kind = StorageUnavailableError if isinstance(exc, _UNAVAILABLE) else StorageError
     return kind(redact(f"{action} failed: {type(exc).__name__}{code}: {reason}", dsn))
+
+
+@contextmanager
+def storage_errors(action: str, *, dsn: str | None = None) -> Iterator[None]:
+    """Turn a driver or OS failure inside the block into one StorageError naming ``action``."""
+    try:
+        yield
+    except DATABASE_ERRORS as exc:
+        raise storage_error(action, exc, dsn=dsn) from exc

@@ -30,10 +30,12 @@ from polygon_backfill.models import (
     session_date,
     session_start,
 )
-from polygon_backfill.storage._errors import DATABASE_ERRORS, storage_error
+from polygon_backfill.storage._errors import DATABASE_ERRORS, storage_error, storage_errors
 from polygon_backfill.storage.schema import migrate
 
 _CLOSE_TIMEOUT_S: Final = 10.0
+_COMMAND_TIMEOUT_S: Final = 300.0
+_LOCK_WAIT_S: Final = 7 * 86_400.0
 # Held for a whole backfill pass: one pass at a time per database, across processes.
 _BACKFILL_LOCK_ID: Final = 0x706F6C79_6A6F6273  # "polyjobs"
 
@@ -310,7 +312,10 @@ class BarStore:
             pool = await asyncpg.create_pool(
                 dsn, min_size=min_size, max_size=max_size,
                 # Short OLTP statements only: JIT compilation would cost more than it saves.
-                server_settings={"application_name": "polygon-backfill", "jit": "off"})
+                server_settings={"application_name": "polygon-backfill", "jit": "off"},
+                # A statement hung on a dead server must fail (and be retried), not hold the
+                # pass forever.
+                command_timeout=_COMMAND_TIMEOUT_S)
         except DATABASE_ERRORS as exc:
             raise storage_error("connecting to PostgreSQL", exc, dsn=dsn) from exc
         except ValueError as exc:  # asyncpg refuses a malformed DSN this way
@@ -388,36 +393,28 @@ class BarStore:
 
     async def coverage(self, ticker: str, timeframe: Timeframe) -> list[TimeRange]:
         """Every range fetched so far, merged; the gaps between them are holes to fill."""
-        try:
+        with storage_errors(f"reading coverage of {ticker} {timeframe}"):
             rows = await self._pool.fetch(_SELECT_COVERAGE, ticker, timeframe.name)
-        except DATABASE_ERRORS as exc:
-            raise storage_error(f"reading coverage of {ticker} {timeframe}", exc) from exc
         return merge_ranges(TimeRange(row["range_start"], row["range_end"]) for row in rows)
 
     async def record_result(self, ticker: str, timeframe: Timeframe, *, ok: bool,
                             message: str, at: datetime) -> None:
         """Remember how the last run of this pair went; ``message`` is its error when not ok."""
-        try:
+        with storage_errors(f"recording the result of {ticker} {timeframe}"):
             await self._pool.execute(_UPSERT_RESULT, ticker, timeframe.name, at,
                                      "ok" if ok else "error", message,
                                      None if ok else message)
-        except DATABASE_ERRORS as exc:
-            raise storage_error(f"recording the result of {ticker} {timeframe}", exc) from exc
 
     async def status(self) -> list[PairStatus]:
         """Every pair with bars, coverage or a recorded result, sorted by ticker, timeframe."""
-        try:
+        with storage_errors("reading status"):
             rows = await self._pool.fetch(_SELECT_STATUS)
-        except DATABASE_ERRORS as exc:
-            raise storage_error("reading status", exc) from exc
         return [PairStatus(**dict(row)) for row in rows]
 
     async def fetch_bars(self, ticker: str, timeframe: Timeframe) -> list[StoredBar]:
         """All stored bars of a pair in time order (for checks, exports and tests)."""
-        try:
+        with storage_errors(f"reading bars of {ticker} {timeframe}"):
             rows = await self._pool.fetch(_SELECT_BARS, ticker, timeframe.name)
-        except DATABASE_ERRORS as exc:
-            raise storage_error(f"reading bars of {ticker} {timeframe}", exc) from exc
         return [StoredBar(*row) for row in rows]
 
     @asynccontextmanager
@@ -425,15 +422,15 @@ class BarStore:
         """Hold the database-wide backfill lock (a session advisory lock on a dedicated
         connection) for one pass, so two daemons never backfill one database at once.
         ``on_wait`` is called once when another holder makes us wait."""
-        try:
+        with storage_errors("taking the backfill lock"):
             conn = await self._pool.acquire()
-        except DATABASE_ERRORS as exc:
-            raise storage_error("taking the backfill lock", exc) from exc
         try:
             try:
                 if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _BACKFILL_LOCK_ID):
                     on_wait()
-                    await conn.execute("SELECT pg_advisory_lock($1)", _BACKFILL_LOCK_ID)
+                    # Waiting for another daemon's pass is not a hung statement.
+                    await conn.execute("SELECT pg_advisory_lock($1)", _BACKFILL_LOCK_ID,
+                                       timeout=_LOCK_WAIT_S)
             except DATABASE_ERRORS as exc:
                 raise storage_error("taking the backfill lock", exc) from exc
             try:
@@ -447,24 +444,18 @@ class BarStore:
     async def record_service_state(self, name: str, state: str, detail: str | None,
                                    at: datetime) -> None:
         """Remember a process-wide state (e.g. ``circuit`` = ``open``) for ``status``."""
-        try:
+        with storage_errors(f"recording the {name} state"):
             await self._pool.execute(_UPSERT_SERVICE_STATE, name, state, detail, at)
-        except DATABASE_ERRORS as exc:
-            raise storage_error(f"recording the {name} state", exc) from exc
 
     async def service_states(self) -> list[ServiceState]:
         """Every recorded process-wide state, by name."""
-        try:
+        with storage_errors("reading service states"):
             rows = await self._pool.fetch(_SELECT_SERVICE_STATES)
-        except DATABASE_ERRORS as exc:
-            raise storage_error("reading service states", exc) from exc
         return [ServiceState(row["name"], row["state"], row["detail"], row["updated_at"])
                 for row in rows]
 
     async def duplicate_keys(self) -> int:
         """Rows sharing a (ticker, timeframe, session) with another row: always 0 unless the
         keying by session date is broken. The soak and ``verify`` check it."""
-        try:
+        with storage_errors("counting duplicate bars"):
             return int(await self._pool.fetchval(_COUNT_DUPLICATE_SESSIONS))
-        except DATABASE_ERRORS as exc:
-            raise storage_error("counting duplicate bars", exc) from exc
