@@ -55,7 +55,7 @@ class SoakReport:
     rows: int
     rows_wrong: int
     duplicate_keys: int
-    tickers_failed: list[str]
+    tickers_failed: dict[str, str]
 
     @property
     def exact(self) -> bool:
@@ -126,7 +126,7 @@ async def soak(folder: Path, *, tickers: list[str], days: int, fault_rate: float
         faults_injected=injected, http_429=summary["rate_limited"], db_restarts=restarts,
         db_write_retries=events.count("storage.retrying"), wall_s=round(wall, 2), rows=rows,
         rows_wrong=wrong, duplicate_keys=duplicates,
-        tickers_failed=sorted(summary["tickers_failed"]))
+        tickers_failed=dict(summary["tickers_failed"]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,10 @@ async def backfill(store: BarStore, server: SandboxServer, **options: Any) -> di
         scheduler = AutoBackfillScheduler(
             polygon_api_key="test-key", store=store, polygon_base_url=server.base_url,
             tickers=tickers, timeframes=[timeframe], backfill_start="2004-01-01",
-            stagger_seconds=0, group_pause_seconds=0, **options)
+            stagger_seconds=0, group_pause_seconds=0,
+            # One request per pair, whatever the calendar around today: the grouped-daily
+            # path has its own tests (test_grouped_daily.py).
+            grouped_daily_max_sessions=0, **options)
         try:
             summary = await scheduler.run_once()
         finally:

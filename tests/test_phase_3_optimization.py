@@ -297,7 +297,10 @@ class TestPhase3ParallelProcessing:
         server = await _synthetic_sandbox(self.NOW)
         try:
             settings = {"tickers": self.TICKERS, "timeframes": ["1d"], "backfill_days": 10,
-                        "polygon_base_url": server.base_url, "backfill_mode": "groups"} | options
+                        "polygon_base_url": server.base_url, "backfill_mode": "groups",
+                        # Per-ticker requests only: the sandbox serves grouped daily for its
+                        # CSV tickers, not for synthetic ones.
+                        "grouped_daily_max_sessions": 0} | options
             client = PolygonClient("test-key", server.base_url, transport=transport,
                                    sleep=clock.sleep)
             scheduler = AutoBackfillScheduler(polygon_api_key="test-key", store=store,

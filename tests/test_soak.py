@@ -18,7 +18,7 @@ async def test_soak_with_faults_and_a_database_restart_ends_exact(tmp_path: Path
     assert report.db_write_retries >= 1
     assert sum(report.faults_injected.values()) >= 5
     assert report.retries >= sum(report.faults_injected.values())
-    assert report.tickers_failed == []
+    assert report.tickers_failed == {}
     assert report.rows > 0
     assert report.rows_wrong == 0
     assert report.duplicate_keys == 0

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     max_in_flight_requests: int = Field(default=8, ge=1, le=256)
     queued_pages: int = Field(default=4, ge=1, le=256)
     max_concurrent_symbols: int = Field(default=3, ge=1, le=100)
+    grouped_daily_max_sessions: int = Field(default=5, ge=0)
     stagger_seconds: float = Field(default=5.0, ge=0)
     group_pause_seconds: float = Field(default=10.0, ge=0)
 

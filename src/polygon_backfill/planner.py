@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from polygon_backfill.models import (
     Timeframe,
@@ -23,7 +23,7 @@ from polygon_backfill.models import (
     session_date,
     session_start,
 )
-from polygon_backfill.sessions import base_aggregates
+from polygon_backfill.sessions import base_aggregates, is_trading_day
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,3 +128,19 @@ def split_range(ticker: str, timeframe: Timeframe, span: TimeRange,
         day += timedelta(days=1)
     pieces.append(TimeRange(start, span.end))
     return pieces
+
+
+def session_pieces(ticker: str, span: TimeRange) -> list[tuple[date, TimeRange]]:
+    """Cut a daily ``span`` into one piece per session whose bar it holds, each piece with
+    the session's date; together the pieces cover ``span`` exactly (days without a session
+    ride along with the session before them, leading ones with the first), so a fetch of
+    each session's bar may record its piece as covered."""
+    zone = home_zone(ticker)
+    day = span.start.astimezone(zone).date()
+    days: list[date] = []
+    while session_start(ticker, day) < span.end:
+        if is_trading_day(ticker, day):
+            days.append(day)
+        day += timedelta(days=1)
+    bounds = [span.start, *(session_start(ticker, day) for day in days[1:]), span.end]
+    return [(day, TimeRange(bounds[i], bounds[i + 1])) for i, day in enumerate(days)]

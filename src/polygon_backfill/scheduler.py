@@ -38,6 +38,7 @@ from polygon_backfill.errors import (
     PolygonClientError,
     StorageUnavailableError,
 )
+from polygon_backfill.grouped import GroupedDailyBackfill, merge_results, plan_grouped_daily
 from polygon_backfill.models import Timeframe, TimeRange
 from polygon_backfill.pipeline import PipelinedBackfill
 from polygon_backfill.planner import SymbolWork, missing_ranges
@@ -251,6 +252,7 @@ class AutoBackfillScheduler:
             log.info("backfill.started", message=f"Backfill started: {len(plan)} tickers, "
                      f"{sum(len(work.ranges) for work in plan)} ranges, mode {self.mode}",
                      mode=self.mode)
+            plan, grouped = await self._backfill_grouped_daily(plan)
             if not self.parallel_backfill:
                 results = await self._backfill_symbols_sequential(plan)
             elif self.settings.backfill_mode == "groups":
@@ -258,6 +260,7 @@ class AutoBackfillScheduler:
                     plan, max_concurrent=self.max_concurrent_symbols)
             else:
                 results = await self._backfill_symbols_pipelined(plan)
+            results = merge_results(grouped, results)
             if self._pending_writes:  # circuit-state records started during the pass
                 await asyncio.gather(*self._pending_writes, return_exceptions=True)
             summary = BackfillSummary.from_results(
@@ -287,6 +290,29 @@ class AutoBackfillScheduler:
                     ticker, timeframe, coverage, start=start, now=now, trailing_window=trailing)]
             plan.append(SymbolWork(ticker, tuple(ranges)))
         return plan
+
+    async def _backfill_grouped_daily(
+        self, plan: list[SymbolWork]
+    ) -> tuple[list[SymbolWork], dict[str, TickerResult]]:
+        """Serve short missing 1d stock ranges by date from the grouped-daily endpoint when
+        that takes fewer requests (``grouped.py``); returns the per-ticker plan left (with
+        whatever the grouped answers could not vouch for) and the results written."""
+        grouped, left = plan_grouped_daily(
+            plan, now=self.clock.now(), max_sessions=self.settings.grouped_daily_max_sessions,
+            page_limit=self.settings.page_limit)
+        if grouped is None:
+            return plan, {}
+        runner = GroupedDailyBackfill(
+            fetch=self.polygon_client.fetch_grouped_daily, write=self._write,
+            note_failure=self._note_failure, finish_pair=self._finish_pair,
+            stop=self._stop_requested, clock=self.clock,
+            max_in_flight=self.settings.max_in_flight_requests)
+        try:
+            return await runner.run(grouped, left)
+        except AuthenticationError as exc:  # every other request would be refused too
+            self.fatal_error = exc
+            self.request_stop()
+            raise
 
     async def _backfill_symbols_parallel(
         self, symbols_data: Sequence[SymbolWork], max_concurrent: int = 3

@@ -21,9 +21,9 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
@@ -47,6 +47,7 @@ from polygon_backfill.clients.responses import (
     PayloadError,
     ReadBars,
     parse_aggregates,
+    parse_grouped_daily,
     read_status,
     select_bars,
     server_text,
@@ -67,8 +68,10 @@ from polygon_backfill.models import (
     Bar,
     Timeframe,
     TimeRange,
+    Timespan,
     datetime_to_ms,
     ms_to_datetime,
+    session_start,
     validate_ticker,
 )
 from polygon_backfill.sessions import holds_full_session, may_hold_bars
@@ -77,6 +80,14 @@ log = structlog.get_logger(__name__)
 
 # A decoded answer: its top level, and its bars read and checked.
 _Answer = tuple[AggregatesResponse, ReadBars]
+# A decoded grouped-daily answer: bars by ticker, and whether ``results`` was null.
+_Grouped = tuple[dict[str, Bar], bool]
+_T = TypeVar("_T")
+
+_GROUPED_PATH = "/v2/aggs/grouped/locale/us/market/stocks/"
+_DAILY = Timeframe(1, Timespan.DAY)
+# The grouped endpoint answers for US stocks: any plain stock ticker names their calendar.
+_STOCK_CALENDAR = "SPY"
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -119,14 +130,23 @@ class _Request:
 
 @dataclass(frozen=True, slots=True)
 class _Job:
-    """What one ``iter_pages`` call is about; its fields go into every error and log line."""
+    """What one ``iter_pages`` call is about; its fields go into every error and log line.
+
+    ``label`` names a request that is not one ticker's series (the grouped-daily one)."""
 
     ticker: str
     timeframe: Timeframe
     span: TimeRange
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.label or f"{self.ticker} {self.timeframe}"
 
     @property
     def context(self) -> dict[str, Any]:
+        if self.label is not None:
+            return {"ticker": self.label}
         return {"ticker": self.ticker, "timeframe": self.timeframe.name}
 
 
@@ -299,8 +319,40 @@ class PolygonClient:
         url = _urls.aggs_path(job.ticker, job.timeframe, str(last_t + 1), to)
         return _Request(url, self._params(), _urls.exact_datetime(last_t + 1))
 
+    async def fetch_grouped_daily(self, day: date) -> dict[str, Bar]:
+        """Every US stock's bar of session ``day`` in one request, keyed by ticker (``T``).
+
+        Same retries, limiter and breaker as an aggregates page. ``results: null`` for a
+        session that has closed is retried and, when the attempts run out, raised as
+        :class:`SuspectEmptyError`, never returned as "no bars" (pitfall 4); a body without
+        ``results`` is Polygon's ordinary "no data" and comes back as ``{}``. The bars' ``t``
+        is 16:00 New York: key them by session date (the store does).
+        """
+        label = f"grouped daily {day.isoformat()}"
+        opens = session_start(_STOCK_CALENDAR, day)
+        closes = session_start(_STOCK_CALENDAR, day + timedelta(days=1))
+        job = _Job(_STOCK_CALENDAR, _DAILY, TimeRange(opens, closes), label=label)
+        request = _Request(f"{_GROUPED_PATH}{day.isoformat()}",
+                           {"adjusted": "true" if self._adjusted else "false"}, opens)
+
+        def suspect(answer: _Grouped) -> bool:
+            closed_by = min(job.span.end, datetime.now(UTC))
+            return answer[1] and holds_full_session(_STOCK_CALENDAR, opens, closed_by)
+
+        bars, _ = await self._with_retries(
+            job, lambda: self._attempt(request, job, _read_grouped), suspect)
+        return bars
+
     async def _fetch_page(self, request: _Request, job: _Job) -> _Answer:
         """One page with retries; after the last attempt the last error is raised as is."""
+        return await self._with_retries(
+            job, lambda: self._attempt(request, job, parse_aggregates),
+            lambda answer: answer[0].results_null and self._expects_bars(request, job))
+
+    async def _with_retries(self, job: _Job, call: Callable[[], Awaitable[_T]],
+                            suspect: Callable[[_T], bool]) -> _T:
+        """``call`` with tenacity; an answer ``suspect`` finds too empty to believe is
+        retried like a failure. After the last attempt the last error is raised as is."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._max_attempts),
             wait=self._wait,
@@ -312,8 +364,8 @@ class PolygonClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    answer = await self._attempt(request, job)
-                    if answer[0].results_null and self._expects_bars(request, job):
+                    answer = await call()
+                    if suspect(answer):
                         raise SuspectEmptyError(
                             "results: null for a span holding a whole trading session",
                             **job.context)
@@ -321,7 +373,7 @@ class PolygonClient:
         except RateLimitedError:
             log.warning(
                 "polygon.rate_limited",
-                message=f"Rate limited on {job.ticker} {job.timeframe}, attempt "
+                message=f"Rate limited on {job.name}, attempt "
                         f"{self._max_attempts}/{self._max_attempts}, giving up",
                 **job.context, attempt=self._max_attempts, wait_s=None)
             raise
@@ -353,17 +405,18 @@ class PolygonClient:
                   "wait_s": wait}
         if isinstance(error, RateLimitedError):
             log.warning("polygon.rate_limited",
-                        message=f"Rate limited on {job.ticker} {job.timeframe}, attempt "
+                        message=f"Rate limited on {job.name}, attempt "
                                 f"{attempt}/{self._max_attempts}, waiting {wait:.1f} s",
                         **fields)
         else:
             log.warning("polygon.retrying",
-                        message=f"Retrying {job.ticker} {job.timeframe} after: {error}; "
+                        message=f"Retrying {job.name} after: {error}; "
                                 f"attempt {attempt}/{self._max_attempts}, "
                                 f"waiting {wait:.1f} s",
                         reason=str(error), **fields)
 
-    async def _attempt(self, request: _Request, job: _Job) -> _Answer:
+    async def _attempt(self, request: _Request, job: _Job,
+                       parse: Callable[[object], _T]) -> _T:
         """One attempt: ask the breaker, wait for the limiter, send, and report the outcome.
 
         A 429's Retry-After is both the limiter's hold (an absolute deadline, so every task
@@ -374,10 +427,10 @@ class PolygonClient:
         self._ask_breaker(job)
         try:
             if self._limiter is None:
-                answer = await self._send(request, job)
+                answer = await self._send(request, job, parse)
             else:
                 async with self._limiter.slot():
-                    answer = await self._send(request, job)
+                    answer = await self._send(request, job, parse)
         except RateLimitedError as exc:
             if self._limiter is not None:
                 self._limiter.on_rate_limited(exc.retry_after_s)
@@ -414,7 +467,7 @@ class PolygonClient:
         if self._breaker is not None:
             self._breaker.record_success()
 
-    async def _send(self, request: _Request, job: _Job) -> _Answer:
+    async def _send(self, request: _Request, job: _Job, parse: Callable[[object], _T]) -> _T:
         """One HTTP request, with transport failures mapped into the error tree.
 
         ``api_seconds`` is measured here, so time spent waiting in the limiter is not in it.
@@ -443,10 +496,11 @@ class PolygonClient:
             raise PolygonError(f"request failed: {type(exc).__name__}", **job.context) from exc
         finally:
             self.api_seconds += time.monotonic() - started
-        return self._read(response, job)
+        return self._read(response, job, parse)
 
-    def _read(self, response: httpx.Response, job: _Job) -> _Answer:
-        """Turn a response into an answer or the matching error."""
+    def _read(self, response: httpx.Response, job: _Job, parse: Callable[[object], _T]) -> _T:
+        """Turn a response into an answer (``parse`` reads a successful body) or the
+        matching error."""
         code = response.status_code
         context: dict[str, Any] = {**job.context, "status_code": code}
         if code == 429:
@@ -477,9 +531,10 @@ class PolygonClient:
             if status not in SUCCESS_STATUSES:
                 raise MalformedResponseError(f"status {status}",
                                              server_message=self._message(payload), **context)
-            return parse_aggregates(payload)
+            return parse(payload)
         except PayloadError as exc:
-            raise MalformedResponseError(f"malformed aggregates answer: {exc}",
+            what = "grouped daily" if job.label is not None else "aggregates"
+            raise MalformedResponseError(f"malformed {what} answer: {exc}",
                                          **context) from None
 
     def _retry_after(self, response: httpx.Response) -> float | None:
@@ -500,3 +555,13 @@ class PolygonClient:
     def _redact(self, text: str) -> str:
         """Keep the key out of messages even if a server or proxy echoes it."""
         return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def _read_grouped(payload: object) -> _Grouped:
+    """A grouped-daily body's bars by ticker, and whether its ``results`` was null."""
+    try:
+        bars = parse_grouped_daily(payload)
+    except MalformedResponseError as exc:
+        raise PayloadError(str(exc).removeprefix("grouped daily answer is malformed: ")) from None
+    null = isinstance(payload, dict) and "results" in payload and payload["results"] is None
+    return bars, null

@@ -15,6 +15,9 @@ from polygon_backfill.errors import StorageError, StorageUnavailableError
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # Raised when the server vanishes in the middle of a COPY: the protocol is left
+    # mid-operation ("cannot switch to state 15; another operation is in progress").
+    asyncpg.exceptions.InternalClientError,
     OSError,
     TimeoutError,
 )
@@ -25,6 +28,7 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.CannotConnectNowError,
