@@ -4,11 +4,13 @@ A file is ``{TICKER}.{timespan}.csv`` (``I-SPX.minute.csv`` is ``I:SPX``) with c
 ``t,o,h,l,c,v[,vw,n]``. Rows served at their own timespan pass through unchanged, so an
 end-to-end test can compare stored values to the file value by value; coarser bars are
 aggregated once per (ticker, multiplier, timespan) and then selected with bisect.
+Each bar's JSON text is kept beside it, so a page is a join of strings.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,11 +43,26 @@ _VOLUME_FIELDS = frozenset({"v", "vw", "n"})
 
 @dataclass(frozen=True, slots=True)
 class Series:
-    """Bars sorted by ``t`` with the base aggregates each one consumes (for ``limit``)."""
+    """Bars sorted by ``t`` with the base aggregates each one consumes (for ``limit``)
+    and their compact JSON text (what the server sends)."""
 
     ts: list[int]
     bars: list[Bar]
     counts: list[int]
+    texts: list[str]
+
+    @classmethod
+    def of(cls, bars: list[Bar], counts: list[int]) -> Series:
+        texts = [json.dumps(bar, separators=(",", ":")) for bar in bars]
+        return cls([int(bar["t"]) for bar in bars], bars, counts, texts)
+
+    def rows(self, lo: int, hi: int, descending: bool) -> Iterator[tuple[int, int, str]]:
+        """``(t, count, text)`` of the bars with ``lo <= t <= hi`` in the requested order."""
+        first, stop = bisect_left(self.ts, lo), bisect_right(self.ts, hi)
+        order = range(stop - 1, first - 1, -1) if descending else range(first, stop)
+        ts, counts, texts = self.ts, self.counts, self.texts
+        for index in order:
+            yield ts[index], counts[index], texts[index]
 
     def select(self, lo: int, hi: int, descending: bool) -> Iterator[tuple[Bar, int]]:
         """Bars with ``lo <= t <= hi`` in the requested order; O(bars taken)."""
@@ -162,7 +179,7 @@ class Dataset:
         rows = self._rows_of(ticker, base)
         unit = _ROW_COUNT[base]
         if base is timespan and multiplier == 1:
-            return Series([int(row["t"]) for row in rows], rows, [unit] * len(rows))
+            return Series.of(rows, [unit] * len(rows))
         with_volume = asset_class(ticker) is not AssetClass.INDEX
         zone = home_zone(ticker)
         bars: list[Bar] = []
@@ -185,4 +202,4 @@ class Dataset:
                     counts.append(len(days))
                 else:
                     counts.append(unit * len(members))
-        return Series([int(bar["t"]) for bar in bars], bars, counts)
+        return Series.of(bars, counts)

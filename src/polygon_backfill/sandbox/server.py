@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from types import TracebackType
 from typing import Any
@@ -29,6 +31,7 @@ from polygon_backfill.models import (
     datetime_to_ms,
 )
 from polygon_backfill.sandbox.buckets import Bar, local_midnight_ms
+from polygon_backfill.sandbox.cache import Row, SyntheticCache
 from polygon_backfill.sandbox.config import RequestRecord, SandboxConfig
 from polygon_backfill.sandbox.dataset import Dataset
 from polygon_backfill.sandbox.fault_bodies import (
@@ -49,22 +52,50 @@ _AGGS = "/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{from}/{to}"
 _GROUPED = "/v2/aggs/grouped/locale/us/market/stocks/{date}"
 
 Body = dict[str, Any]
-Answer = tuple[int, Body, int]
 
 
-def take_page(items: Iterable[tuple[Bar, int]], limit: int) -> tuple[list[Bar], int, int | None]:
+def _dumps(body: Body) -> str:
+    return json.dumps(body, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An endpoint's JSON reply before faults, with what fault rules look at.
+
+    Aggregates pages are joined from cached bar texts rather than dumped from dicts (the
+    sandbox must outpace any client); ``body()`` parses the text back for the few replies
+    a fault rewrites, exactly, since every float round-trips through its repr.
+    """
+
+    status: int
+    text: str
+    results: int = 0
+    has_bars: bool = False
+    has_next: bool = False
+
+    @classmethod
+    def of(cls, status: int, body: Body, results: int = 0) -> Answer:
+        return cls(status, _dumps(body), results, bool(body.get("results")),
+                   "next_url" in body)
+
+    def body(self) -> Body:
+        return dict(json.loads(self.text))
+
+
+def take_page(rows: Iterable[Row], limit: int) -> tuple[list[str], int, int | None]:
     """Bars until the next would push the base-aggregate count past ``limit`` (at least one).
 
-    Returns the bars, the base aggregates they consume, and the next bar's ``t`` (or None).
+    Returns the bars' texts, the base aggregates they consume, and the next bar's ``t``
+    (or None).
     """
-    bars: list[Bar] = []
+    texts: list[str] = []
     consumed = 0
-    for bar, count in items:
-        if bars and consumed + count > limit:
-            return bars, consumed, int(bar["t"])
-        bars.append(bar)
+    for t, count, text in rows:
+        if texts and consumed + count > limit:
+            return texts, consumed, t
+        texts.append(text)
         consumed += count
-    return bars, consumed, None
+    return texts, consumed, None
 
 
 class SandboxServer:
@@ -81,7 +112,8 @@ class SandboxServer:
         self._faults = FaultInjector(config.faults, config.fault_seed)
         self._stopping = asyncio.Event()
         self._dataset = Dataset(config.data_dir)
-        self._synthetic = SyntheticSource(config.synthetic_start) if config.synthetic else None
+        self._synthetic = (SyntheticCache(SyntheticSource(config.synthetic_start))
+                           if config.synthetic else None)
         self._monotonic: Callable[[], float] = config.monotonic or time.monotonic
         self._window: deque[float] = deque()
         self._runner: web.AppRunner | None = None
@@ -145,7 +177,8 @@ class SandboxServer:
         return await self._serve(request, self._grouped, grouped=True)
 
     async def _handle_unknown(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, lambda _: (404, error_body("Not found.", "NOT_FOUND"), 0))
+        return await self._serve(
+            request, lambda _: Answer.of(404, error_body("Not found.", "NOT_FOUND")))
 
     async def _serve(self, request: web.Request, answer: Callable[[web.Request], Answer],
                      grouped: bool | None = None) -> web.StreamResponse:
@@ -157,13 +190,13 @@ class SandboxServer:
             self.rate_limited_count += 1
             reply = json_reply(429, error_body(RATE_LIMIT_ERROR))
         else:
-            status, body, results = answer(request)
-            reply = json_reply(status, body, results)
+            found = answer(request)
+            reply = Reply(found.status, found.text, results=found.results)
             if grouped is not None:
-                rule = self._pick_fault(request, grouped, status, body)
+                rule = self._pick_fault(request, grouped, found)
             if rule is not None:
-                reply = fault_reply(rule, status, body, str(request.url),
-                                    self._query(request), results)
+                reply = fault_reply(rule, found.status, found.body(), str(request.url),
+                                    self._query(request), found.results)
                 self.faults_injected[rule.kind.value] += 1
         hangs = rule is not None and rule.kind is FaultKind.TIMEOUT
         self.requests.append(RequestRecord(
@@ -179,13 +212,13 @@ class SandboxServer:
             return await _reset(request, reply)
         return _response(reply)
 
-    def _pick_fault(self, request: web.Request, grouped: bool, status: int,
-                    body: Body) -> FaultRule | None:
+    def _pick_fault(self, request: web.Request, grouped: bool,
+                    found: Answer) -> FaultRule | None:
         match = request.match_info
         return self._faults.pick(Target(
             ticker=match.get("ticker"), timespan="day" if grouped else match.get("timespan"),
-            grouped=grouped, status=status, has_bars=bool(body.get("results")),
-            has_next="next_url" in body, first_page="cursor" not in request.query))
+            grouped=grouped, status=found.status, has_bars=found.has_bars,
+            has_next=found.has_next, first_page="cursor" not in request.query))
 
     @staticmethod
     def _query(request: web.Request) -> AggsQuery | None:
@@ -238,25 +271,26 @@ class SandboxServer:
         try:
             query = parse_aggs(request.match_info, request.query)
         except BadRequestError as exc:
-            return 400, error_body(str(exc)), 0
+            return Answer.of(400, error_body(str(exc)))
         hi = min(query.hi, self._now_ms() - 1)
-        bars: list[Bar] = []
+        texts: list[str] = []
         consumed, next_t = 0, None
         if query.lo <= hi:
-            bars, consumed, next_t = take_page(self._select(query, query.lo, hi), query.limit)
-        body: Body = {"ticker": query.ticker, "queryCount": consumed,
-                      "resultsCount": len(bars), "adjusted": query.adjusted}
-        if bars:
-            body["results"] = bars
-        body.update(status="OK", request_id=request_id(), count=len(bars))
+            texts, consumed, next_t = take_page(self._select(query, query.lo, hi), query.limit)
+        head: Body = {"ticker": query.ticker, "queryCount": consumed,
+                      "resultsCount": len(texts), "adjusted": query.adjusted}
+        tail: Body = {"status": "OK", "request_id": request_id(), "count": len(texts)}
         if next_t is not None:
-            body["next_url"] = self._next_url(request, query, next_t)
-        return 200, body, len(bars)
+            tail["next_url"] = self._next_url(request, query, next_t)
+        # json.dumps of {**head, "results": [...], **tail}, with the bars spliced in as text
+        results = f',"results":[{",".join(texts)}]' if texts else ""
+        text = f"{_dumps(head)[:-1]}{results},{_dumps(tail)[1:]}"
+        return Answer(200, text, len(texts), bool(texts), next_t is not None)
 
-    def _select(self, query: AggsQuery, lo: int, hi: int) -> Iterator[tuple[Bar, int]]:
+    def _select(self, query: AggsQuery, lo: int, hi: int) -> Iterator[Row]:
         series = self._dataset.series(query.ticker, query.multiplier, query.timespan)
         if series is not None:
-            return series.select(lo, hi, query.descending)
+            return series.rows(lo, hi, query.descending)
         if self._synthetic is not None:
             return self._synthetic.select(query.ticker, query.multiplier, query.timespan,
                                           lo, hi, query.descending)
@@ -278,7 +312,7 @@ class SandboxServer:
         try:
             day = date.fromisoformat(request.match_info["date"])
         except ValueError:
-            return 400, error_body(f"Invalid date: '{request.match_info['date']}'."), 0
+            return Answer.of(400, error_body(f"Invalid date: '{request.match_info['date']}'."))
         adjusted = request.query.get("adjusted", "true").lower() not in ("false", "0")
         close_ms = datetime_to_ms(datetime(day.year, day.month, day.day, 16, tzinfo=NEW_YORK))
         results: list[Bar] = []
@@ -297,7 +331,7 @@ class SandboxServer:
         if results:
             body["results"] = results
         body.update(status="OK", request_id=request_id(), count=len(results))
-        return 200, body, len(results)
+        return Answer.of(200, body, len(results))
 
 
 def _response(reply: Reply) -> web.Response:

@@ -71,37 +71,61 @@ class SyntheticSource:
     """Bars for tickers without files; nothing before ``start``."""
 
     def __init__(self, start: date) -> None:
-        self._start_ms = local_midnight_ms(start, ZoneInfo("UTC"))
+        self.start_ms = local_midnight_ms(start, ZoneInfo("UTC"))
 
     def select(self, ticker: str, multiplier: int, timespan: Timespan, lo: int, hi: int,
                descending: bool) -> Iterator[tuple[Bar, int]]:
         """Bars with ``lo <= t <= hi`` in order, each with the base aggregates it consumes."""
+        keys = _INDEX_KEYS if asset_class(ticker) is AssetClass.INDEX else _KEYS
+        for values, count in self._values(ticker, multiplier, timespan, lo, hi, descending):
+            yield dict(zip(keys, values, strict=True)), count
+
+    def select_json(self, ticker: str, multiplier: int, timespan: Timespan, lo: int,
+                    hi: int) -> tuple[list[int], list[int], list[str]]:
+        """The same bars ascending as ``t``, counts and compact JSON text (what
+        ``json.dumps`` makes of the bar: ``%r`` of a float is its repr, as there)."""
+        index = asset_class(ticker) is AssetClass.INDEX
+        template, at = (_INDEX_JSON, -1) if index else (_JSON, -2)
+        ts: list[int] = []
+        counts: list[int] = []
+        texts: list[str] = []
+        for values, count in self._values(ticker, multiplier, timespan, lo, hi, False):
+            ts.append(int(values[at]))
+            counts.append(count)
+            texts.append(template % values)
+        return ts, counts, texts
+
+    def _values(self, ticker: str, multiplier: int, timespan: Timespan, lo: int, hi: int,
+                descending: bool) -> Iterator[tuple[Values, int]]:
         profile = _profile(ticker)
-        lo = max(lo, self._start_ms)
+        lo = max(lo, self.start_ms)
         if timespan in INTRADAY_MS:
             width = INTRADAY_MS[timespan] * multiplier
             return self._intraday(profile, width, lo, hi, descending)
         return self._daily(profile, ticker, multiplier, timespan, lo, hi, descending)
 
     def _intraday(self, profile: _Profile, width: int, lo: int, hi: int,
-                  descending: bool) -> Iterator[tuple[Bar, int]]:
+                  descending: bool) -> Iterator[tuple[Values, int]]:
         minute_bars = width == MINUTE_MS and profile.kind is AssetClass.STOCK
-        painter = _Painter(profile)
+        paint = _Painter(profile).values
+        full_minutes = width // MINUTE_MS
         for start, session in _bucket_starts(profile.kind, width, lo, hi, descending):
             a, b = session
             if a <= start and start + width <= b:
-                first, last, minutes = start, start + width, width // MINUTE_MS
-            else:
-                traded = overlap(profile.kind, start, start + width)
-                if traded is None:
-                    continue
-                first, last, minutes = traded
-            bar = painter.bar(start, first, last, minutes, skip_absent=minute_bars)
-            if bar is not None:
-                yield bar, minutes
+                values = paint(start, start, start + width, full_minutes, minute_bars)
+                if values is not None:
+                    yield values, full_minutes
+                continue
+            traded = overlap(profile.kind, start, start + width)
+            if traded is None:
+                continue
+            first, last, minutes = traded
+            values = paint(start, first, last, minutes, minute_bars)
+            if values is not None:
+                yield values, minutes
 
     def _daily(self, profile: _Profile, ticker: str, multiplier: int, timespan: Timespan,
-               lo: int, hi: int, descending: bool) -> Iterator[tuple[Bar, int]]:
+               lo: int, hi: int, descending: bool) -> Iterator[tuple[Values, int]]:
         zone = home_zone(ticker)
         painter = _Painter(profile)
         edge = _ms_date(hi if descending else lo, zone)
@@ -126,7 +150,7 @@ def _ms_date(ms: int, zone: ZoneInfo) -> date:
 
 
 def _daily_bar(painter: _Painter, first_day: date, days: int,
-               zone: ZoneInfo) -> tuple[Bar, int] | None:
+               zone: ZoneInfo) -> tuple[Values, int] | None:
     """One day or week bar: opens at the bucket's first trade, closes at its last."""
     first = last = None
     minutes = traded_days = 0
@@ -144,8 +168,8 @@ def _daily_bar(painter: _Painter, first_day: date, days: int,
     if first is None or last is None:
         return None
     t = local_midnight_ms(first_day, zone)
-    bar = painter.bar(t, first, last, minutes, skip_absent=False)
-    return (bar, traded_days) if bar is not None else None
+    values = painter.values(t, first, last, minutes, False)
+    return (values, traded_days) if values is not None else None
 
 
 def _bucket_starts(kind: AssetClass, width: int, lo: int, hi: int,
@@ -178,54 +202,55 @@ def _bucket_starts(kind: AssetClass, width: int, lo: int, hi: int,
 
 _SCALE = 1 / 65535
 
+# A bar's values in Polygon's key order; ``t`` is second to last (last for indices).
+Values = tuple[float | int, ...]
+_KEYS = ("v", "vw", "o", "c", "h", "l", "t", "n")
+_INDEX_KEYS = ("o", "c", "h", "l", "t")
+_JSON = '{"v":%r,"vw":%r,"o":%r,"c":%r,"h":%r,"l":%r,"t":%r,"n":%r}'
+_INDEX_JSON = '{"o":%r,"c":%r,"h":%r,"l":%r,"t":%r}'
+
 
 class _Painter:
-    """Turns (t, first, last, minutes) into a bar; remembers the last few hash draws so a
-    run of adjacent bars costs one blake2b per bar (a bar's close is the next one's open)."""
+    """Turns (t, first, last, minutes) into a bar's values; remembers the last few points
+    so a run of adjacent bars costs one blake2b per bar (a bar's close is the next one's
+    open)."""
 
-    __slots__ = ("_draws", "_hasher", "_prices", "profile")
+    __slots__ = ("_hasher", "_points", "profile")
 
     def __init__(self, profile: _Profile) -> None:
         self.profile = profile
         self._hasher = hashlib.blake2b(profile.key, digest_size=16)
-        self._draws: dict[int, tuple[int, ...]] = {}
-        self._prices: dict[int, float] = {}
+        self._points: dict[int, tuple[tuple[int, ...], float]] = {}
 
-    def draws(self, ms: int) -> tuple[int, ...]:
-        """Eight deterministic numbers in 0..65535 for (ticker, ms)."""
-        found = self._draws.get(ms)
+    def point(self, ms: int) -> tuple[tuple[int, ...], float]:
+        """Eight deterministic numbers in 0..65535 for (ticker, ms), and the price at ms:
+        the smooth path (a few sines) with a little noise from the first number."""
+        found = self._points.get(ms)
         if found is None:
-            if len(self._draws) > 8:
-                self._draws.clear()
+            if len(self._points) > 8:
+                self._points.clear()
             hasher = self._hasher.copy()
             hasher.update(ms.to_bytes(8, "big", signed=True))
-            found = self._draws[ms] = _UNPACK(hasher.digest())
+            draws = _UNPACK(hasher.digest())
+            turns = _TAU * (ms / _DAY_MS)
+            p1, p2, p3, p4 = self.profile.phases
+            wave = (0.12 * math.sin(turns / 365.25 + p1) + 0.04 * math.sin(turns / 23.3 + p2)
+                    + 0.008 * math.sin(turns + p3) + 0.002 * math.sin(turns * 37.1 + p4))
+            noise = draws[0] * _SCALE - 0.5
+            price = self.profile.base * (1 + wave) * (1 + 0.0006 * noise)
+            found = self._points[ms] = (draws, price)
         return found
 
-    def price(self, ms: int) -> float:
-        """The smooth price path at ``ms`` with a little per-ms noise."""
-        found = self._prices.get(ms)
-        if found is None:
-            if len(self._prices) > 8:
-                self._prices.clear()
-            found = self._prices[ms] = self._path(ms)
-        return found
-
-    def _path(self, ms: int) -> float:
-        x = ms / _DAY_MS
-        p1, p2, p3, p4 = self.profile.phases
-        wave = (0.12 * math.sin(_TAU * x / 365.25 + p1) + 0.04 * math.sin(_TAU * x / 23.3 + p2)
-                + 0.008 * math.sin(_TAU * x + p3) + 0.002 * math.sin(_TAU * x * 37.1 + p4))
-        noise = self.draws(ms)[0] * _SCALE - 0.5
-        return self.profile.base * (1 + wave) * (1 + 0.0006 * noise)
-
-    def bar(self, t: int, first: int, last: int, minutes: int, skip_absent: bool) -> Bar | None:
+    def values(self, t: int, first: int, last: int, minutes: int,
+               skip_absent: bool) -> Values | None:
         """The bar starting at ``t`` that trades from ``first`` to ``last`` (ms)."""
-        draws = self.draws(t)
+        draws, open_ = self.point(t)
         if skip_absent and draws[1] * _SCALE < _ABSENT_MINUTE:
             return None
+        if first != t:
+            open_ = self.point(first)[1]
+        close = self.point(last)[1]
         profile = self.profile
-        open_, close = self.price(first), self.price(last)
         spread = open_ * 0.0009 * math.sqrt(minutes) * _SCALE
         digits = profile.decimals
         o, c = round(open_, digits), round(close, digits)
@@ -234,10 +259,9 @@ class _Painter:
         h = high if high > o and high > c else max(o, c)
         lo = low if low < o and low < c else min(o, c)
         if profile.kind is AssetClass.INDEX:
-            return {"o": o, "c": c, "h": h, "l": lo, "t": t}
+            return o, c, h, lo, t
         volume = profile.volume_per_minute * minutes * (0.5 + draws[4] * _SCALE)
         v: float = round(volume, 8) if profile.kind is AssetClass.CRYPTO else max(1, int(volume))
         vw = round(lo + (h - lo) * (0.3 + 0.4 * _SCALE * draws[5]), digits)
         n = max(1, int(v / profile.trade_size * (0.8 + 0.4 * _SCALE * draws[6])))
-        return {"v": v, "vw": min(h, max(lo, vw)), "o": o, "c": c, "h": h, "l": lo, "t": t,
-                "n": n}
+        return v, min(h, max(lo, vw)), o, c, h, lo, t, n
