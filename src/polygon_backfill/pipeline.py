@@ -10,8 +10,10 @@ estimate that overshoots (data ending early) wastes at most that many requests.
 
 A fixed number of fetchers (``max_in_flight``) keeps the rate limiter busy: when one
 request ends another starts, with no barrier waiting for the slowest of a group. Pages
-go onto a bounded queue that one writer drains, so database time hides under API time and
-memory is bounded by the pages in flight plus the queue, however long the backfill.
+go onto bounded queues drained by two writers (each piece always to the same one, so its
+pages commit in order), so database time hides under API time, two transactions commit
+at once, and memory is bounded by the pages in flight plus the queues, however long the
+backfill.
 
 Tickers still enter in groups of ``group_size`` (logged as ``Processing symbol group``),
 but a group starts as soon as the fetchers reach it, not after the previous one finished.
@@ -77,7 +79,7 @@ class PipelinedBackfill:
     def __init__(self, *, fetch: FetchPages, write: WritePage, note_failure: NoteFailure,
                  finish_pair: FinishPair, stop: asyncio.Event, clock: Clock,
                  max_in_flight: int, queued_pages: int, group_size: int,
-                 page_limit: int) -> None:
+                 page_limit: int, writers: int = 2) -> None:
         self._fetch = fetch
         self._write = write
         self._note_failure = note_failure
@@ -85,7 +87,10 @@ class PipelinedBackfill:
         self._stop = stop
         self._clock = clock
         self._max_in_flight = max_in_flight
-        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=queued_pages)
+        # One queue per writer; a piece always goes to the same one, so its pages commit in
+        # order and its end marker comes after them.
+        self._queues: list[asyncio.Queue[object]] = [
+            asyncio.Queue(maxsize=queued_pages) for _ in range(writers)]
         self._group_size = group_size
         self._page_limit = page_limit
         self._pairs: dict[tuple[str, str], _PairState] = {}
@@ -94,19 +99,21 @@ class PipelinedBackfill:
         self._groups_started: set[int] = set()
         self._fatal: AuthenticationError | None = None
         self._todo: asyncio.Queue[_Piece] = asyncio.Queue()
+        self._next_queue = 0
 
     async def run(self, plan: Sequence[SymbolWork]) -> dict[str, TickerResult]:
         pieces = self._pieces(plan)
         for piece in pieces:
             self._todo.put_nowait(piece)
-        writer = asyncio.ensure_future(self._drain())
+        writers = [asyncio.ensure_future(self._drain(queue)) for queue in self._queues]
         fetchers = [asyncio.ensure_future(self._fetcher())
                     for _ in range(min(self._max_in_flight, max(1, len(pieces))))]
         try:
             await asyncio.gather(*fetchers)
         finally:
-            await self._queue.put(_END)
-            await writer
+            for queue in self._queues:
+                await queue.put(_END)
+            await asyncio.gather(*writers)
         for key, state in self._pairs.items():  # pieces never started (a stop)
             if state.pieces_left:
                 state.outcome.ok = False
@@ -140,13 +147,15 @@ class PipelinedBackfill:
             except asyncio.QueueEmpty:
                 return
             self._announce(piece.group)
+            queue = self._queues[self._next_queue % len(self._queues)]
+            self._next_queue += 1
             error: Exception | None = None
             try:
                 pages = self._fetch(piece.ticker, piece.timeframe, piece.span.start,
                                     piece.span.end)
                 async with aclosing(pages):
                     async for page in pages:
-                        await self._queue.put((piece, page))
+                        await queue.put((piece, page))
                         if self._stop.is_set():
                             error = RuntimeError("stopped before completion")
                             break
@@ -159,7 +168,7 @@ class PipelinedBackfill:
                 error = exc
             except Exception as exc:  # reported per pair by the writer
                 error = exc
-            await self._queue.put(_PieceDone((piece.ticker, piece.timeframe.name), error))
+            await queue.put(_PieceDone((piece.ticker, piece.timeframe.name), error))
 
     def _split_rest(self, piece: _Piece, done_until: datetime) -> None:
         """Queue the rest of a range as pieces of one request each, fetched concurrently."""
@@ -181,9 +190,9 @@ class PipelinedBackfill:
                  message=f"Processing symbol group {group + 1}/{len(self._groups)}: {tickers}",
                  group=group + 1, groups=len(self._groups), tickers=tickers)
 
-    async def _drain(self) -> None:
-        """The single writer: pages in arrival order, then each pair's result once done."""
-        while (item := await self._queue.get()) is not _END:
+    async def _drain(self, queue: asyncio.Queue[object]) -> None:
+        """One writer: its pages in arrival order, then each pair's result once done."""
+        while (item := await queue.get()) is not _END:
             if isinstance(item, _PieceDone):
                 await self._piece_done(item)
                 continue
