@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import asyncpg
 import pytest
 import structlog
 
+from bench.harness import fresh_database
 from polygon_backfill.config import Settings
 from polygon_backfill.storage import BarStore, EmbeddedPostgres
 
@@ -57,11 +55,6 @@ def _restored_logging() -> Iterator[None]:
 # --------------------------------------------------------------------------------------
 
 
-def _with_database(dsn: str, database: str) -> str:
-    """The same server and credentials, another database."""
-    return urlsplit(dsn)._replace(path=f"/{database}").geturl()
-
-
 @pytest.fixture(scope="session")
 def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A DSN allowed to create databases: ``TEST_DATABASE_URL`` if set, else an embedded
@@ -78,16 +71,8 @@ def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
 @pytest.fixture
 async def database_url(postgres_admin_url: str) -> AsyncIterator[str]:
     """A DSN to a brand-new empty database, dropped after the test."""
-    name = f"test_{uuid.uuid4().hex}"
-    admin = await asyncpg.connect(postgres_admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield _with_database(postgres_admin_url, name)
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with fresh_database(postgres_admin_url) as dsn:
+        yield dsn
 
 
 @pytest.fixture

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+
+from polygon_backfill.storage import BarStore
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL_DATA = SHARED / "data" / "real"
@@ -44,3 +49,23 @@ class RecordingSleep:
 
     async def __call__(self, seconds: float) -> None:
         self.waits.append(seconds)
+
+
+@contextmanager
+def before_each_write(store: BarStore,
+                      hook: Callable[[int], Awaitable[None]]) -> Iterator[list[int]]:
+    """Await ``hook(n)`` before the store's n-th ``write_page`` (n from 1): how a test stops,
+    cancels or breaks a run at a chosen page. Yields the live count; restores on exit."""
+    original = store.write_page
+    count = [0]
+
+    async def write_page(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        await hook(count[0])
+        return await original(*args, **kwargs)
+
+    store.write_page = write_page  # type: ignore[method-assign]
+    try:
+        yield count
+    finally:
+        store.write_page = original  # type: ignore[method-assign]

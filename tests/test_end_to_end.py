@@ -19,7 +19,7 @@ from polygon_backfill.models import AssetClass, Timeframe, asset_class, ms_to_da
 from polygon_backfill.sandbox import SandboxConfig, SandboxServer
 from polygon_backfill.scheduler import AutoBackfillScheduler
 from polygon_backfill.storage import BarStore
-from tests.support import REAL_DATA
+from tests.support import REAL_DATA, before_each_write
 
 pytestmark = pytest.mark.skipif(not REAL_DATA.is_dir(), reason="../shared/data/real is absent")
 
@@ -115,23 +115,16 @@ async def test_second_run_writes_nothing_and_asks_only_for_the_trailing_window(
 async def test_run_interrupted_midway_then_rerun_ends_with_the_same_table(
         bar_store: BarStore, real_sandbox: SandboxServer) -> None:
     """Cancel the pass after a few small pages; the next pass completes the exact table."""
-    writes = 0
-    original = bar_store.write_page
     job: asyncio.Task[Any] | None = None
 
-    async def counting_write(*args: Any, **kwargs: Any) -> Any:
-        nonlocal writes
-        result = await original(*args, **kwargs)
-        writes += 1
-        if writes == 5 and job is not None:
+    async def cancel_at_sixth(count: int) -> None:
+        if count == 6 and job is not None:
             job.cancel()
-        return result
 
-    bar_store.write_page = counting_write  # type: ignore[method-assign]
-    job = asyncio.ensure_future(backfill(bar_store, real_sandbox, page_limit=200))
-    with pytest.raises(asyncio.CancelledError):
-        await job
-    bar_store.write_page = original  # type: ignore[method-assign]
+    with before_each_write(bar_store, cancel_at_sixth):
+        job = asyncio.ensure_future(backfill(bar_store, real_sandbox, page_limit=200))
+        with pytest.raises(asyncio.CancelledError):
+            await job
     partial = sum(row.bars for row in await bar_store.status())
     assert 0 < partial < 3379 + 2519 + 1563
     summary = await backfill(bar_store, real_sandbox, page_limit=200)
@@ -159,24 +152,18 @@ async def test_stop_request_finishes_the_page_in_flight_and_leaves_consistent_co
         polygon_api_key="test-key", store=bar_store, polygon_base_url=real_sandbox.base_url,
         tickers=["AAPL", "SPY"], timeframes=["1d"], backfill_start="2004-01-01",
         page_limit=250, parallel_backfill=False)
-    original = bar_store.write_page
-    writes = 0
 
-    async def stop_after_third(*args: Any, **kwargs: Any) -> Any:
-        nonlocal writes
-        writes += 1
-        if writes == 3:
+    async def stop_at_third(count: int) -> None:
+        if count == 3:
             scheduler.request_stop()
-        return await original(*args, **kwargs)
 
-    bar_store.write_page = stop_after_third  # type: ignore[method-assign]
-    try:
-        summary = await scheduler.run_once()
-    finally:
-        await scheduler.polygon_client.aclose()
-        bar_store.write_page = original  # type: ignore[method-assign]
+    with before_each_write(bar_store, stop_at_third) as writes:
+        try:
+            summary = await scheduler.run_once()
+        finally:
+            await scheduler.polygon_client.aclose()
     assert summary["stopped_early"] is True
-    assert writes == 3
+    assert writes == [3]
     assert summary["bars_written"] == 750
     stored = await table_rows(bar_store, "AAPL", "1d")
     assert stored == read_csv("AAPL.day.csv", "AAPL")[:750]

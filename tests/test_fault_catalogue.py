@@ -18,7 +18,7 @@ from polygon_backfill.planner import align_start
 from polygon_backfill.sandbox import FaultKind, FaultRule, SandboxConfig, SandboxServer
 from polygon_backfill.scheduler import AutoBackfillScheduler
 from polygon_backfill.storage import BarStore, EmbeddedPostgres
-from tests.support import FakeClock
+from tests.support import FakeClock, before_each_write
 
 NOW = datetime(2026, 1, 9, 23, 0, tzinfo=UTC)
 DAY = Timeframe.parse("1d")
@@ -161,26 +161,21 @@ async def test_postgres_restarted_midway_loses_nothing(tmp_path: Path) -> None:
     server = EmbeddedPostgres(tmp_path / "pg")
     store = await BarStore.connect(await asyncio.to_thread(server.start))
     clock = _RestartingClock(server)
-    original = store.write_page
-    writes = 0
 
-    async def stop_server_before_third(*args: Any, **kwargs: Any) -> Any:
-        nonlocal writes
-        writes += 1
-        if writes == 3:
+    async def stop_server_before_third(count: int) -> None:
+        if count == 3:
             await asyncio.to_thread(server.stop)
             clock.down = True
-        return await original(*args, **kwargs)
 
-    store.write_page = stop_server_before_third  # type: ignore[method-assign]
     try:
-        async with SandboxServer(SandboxConfig(now=lambda: NOW)) as api:
-            scheduler = AutoBackfillScheduler(
-                polygon_api_key="test-key", store=store, clock=clock,
-                polygon_base_url=api.base_url, tickers=["AAPL"], **OPTIONS)
-            with capture_logs() as logs:
-                summary = await scheduler.run_once()
-            await scheduler.polygon_client.aclose()
+        with before_each_write(store, stop_server_before_third):
+            async with SandboxServer(SandboxConfig(now=lambda: NOW)) as api:
+                scheduler = AutoBackfillScheduler(
+                    polygon_api_key="test-key", store=store, clock=clock,
+                    polygon_base_url=api.base_url, tickers=["AAPL"], **OPTIONS)
+                with capture_logs() as logs:
+                    summary = await scheduler.run_once()
+                await scheduler.polygon_client.aclose()
         assert summary["tickers_ok"] == ["AAPL"]
         assert [entry["event"] for entry in logs].count("storage.retrying") >= 1
         assert await table(store, "AAPL") == await expected_rows("AAPL")

@@ -37,8 +37,13 @@ from polygon_backfill.models import (
     session_date,
 )
 from polygon_backfill.planner import SymbolWork, estimated_requests, session_pieces
-from polygon_backfill.storage import WriteResult
-from polygon_backfill.summary import PairOutcome, TickerResult
+from polygon_backfill.summary import (
+    FinishPair,
+    NoteFailure,
+    PairOutcome,
+    TickerResult,
+    WritePage,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -49,9 +54,6 @@ _CLOSE = time(16, 0)
 _WRITERS = 4
 
 FetchGrouped = Callable[[date], Awaitable[dict[str, Bar]]]
-WritePage = Callable[[str, Timeframe, Page], Awaitable[WriteResult]]
-NoteFailure = Callable[[str, Timeframe, PairOutcome, Exception], None]
-FinishPair = Callable[[str, Timeframe, PairOutcome], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)

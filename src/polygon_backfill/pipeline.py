@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,15 +35,17 @@ from polygon_backfill.clock import Clock
 from polygon_backfill.errors import AuthenticationError
 from polygon_backfill.models import Timeframe, TimeRange
 from polygon_backfill.planner import SymbolWork, estimated_requests, split_range
-from polygon_backfill.storage import WriteResult
-from polygon_backfill.summary import PairOutcome, TickerResult
+from polygon_backfill.summary import (
+    FinishPair,
+    NoteFailure,
+    PairOutcome,
+    TickerResult,
+    WritePage,
+)
 
 log = structlog.get_logger(__name__)
 
 FetchPages = Callable[[str, Timeframe, datetime, datetime], AsyncIterator[Page]]
-WritePage = Callable[[str, Timeframe, Page], Awaitable[WriteResult]]
-NoteFailure = Callable[[str, Timeframe, PairOutcome, Exception], None]
-FinishPair = Callable[[str, Timeframe, PairOutcome], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from polygon_backfill.clients import Page
+    from polygon_backfill.models import Timeframe
+    from polygon_backfill.storage import WriteResult
 
 
 @dataclass(slots=True)
@@ -85,3 +91,9 @@ class BackfillSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "bars_written": self.bars_written}
+
+
+# How the scheduler's steps hand work back to it (pipeline.py, grouped.py).
+WritePage = Callable[[str, "Timeframe", "Page"], Awaitable["WriteResult"]]
+NoteFailure = Callable[[str, "Timeframe", PairOutcome, Exception], None]
+FinishPair = Callable[[str, "Timeframe", PairOutcome], Awaitable[None]]
