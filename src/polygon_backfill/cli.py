@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--base-url", help="overrides POLYGON_BASE_URL")
         mode = command.add_mutually_exclusive_group()
         mode.add_argument("--parallel", dest="parallel_backfill", action="store_const",
-                          const=True, help="staggered groups (PARALLEL_BACKFILL=true)")
+                          const=True, help="BACKFILL_MODE: pipeline (default) or the seed's "
+                          "staggered groups (PARALLEL_BACKFILL=true)")
         mode.add_argument("--sequential", dest="parallel_backfill", action="store_const",
                           const=False, help="one ticker at a time (PARALLEL_BACKFILL=false)")
         command.add_argument("--with-sandbox", action="store_true",
