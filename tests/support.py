@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from polygon_backfill.sandbox import FaultRule, SandboxConfig, SandboxServer
 from polygon_backfill.storage import BarStore
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -69,3 +70,26 @@ def before_each_write(store: BarStore,
         yield count
     finally:
         store.write_page = original  # type: ignore[method-assign]
+
+
+SandboxFactory = Callable[..., Awaitable[SandboxServer]]
+
+
+@asynccontextmanager
+async def sandboxes(now: datetime) -> AsyncIterator[SandboxFactory]:
+    """``start(*faults, **config)`` starts a sandbox on a free port with ``now`` fixed
+    unless given; every one started is stopped on exit."""
+    started: list[SandboxServer] = []
+
+    async def start(*faults: FaultRule, **options: Any) -> SandboxServer:
+        options.setdefault("now", lambda: now)
+        server = SandboxServer(SandboxConfig(faults=list(faults), **options))
+        await server.start()
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            await server.stop()

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime
 from itertools import groupby
 from pathlib import Path
@@ -18,12 +18,13 @@ import httpx
 import pytest
 
 from polygon_backfill.models import NEW_YORK, datetime_to_ms, session_date
-from polygon_backfill.sandbox import RequestRecord, SandboxConfig, SandboxServer
+from polygon_backfill.sandbox import RequestRecord, SandboxServer
+from tests.support import SandboxFactory, sandboxes
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
 
-Factory = Callable[..., Awaitable[SandboxServer]]
+Factory = SandboxFactory
 Json = dict[str, Any]
 
 
@@ -37,18 +38,8 @@ def real_dir() -> Path:
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Factory]:
     """Start sandboxes (port 0, fixed ``now`` unless given); all stopped after the test."""
-    started: list[SandboxServer] = []
-
-    async def start(**options: Any) -> SandboxServer:
-        options.setdefault("now", lambda: NOW)
-        server = SandboxServer(SandboxConfig(**options))
-        await server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await server.stop()
+    async with sandboxes(NOW) as start:
+        yield start
 
 
 async def get(server: SandboxServer, url: str, **kwargs: Any) -> httpx.Response:

@@ -7,7 +7,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import pytest
 from polygon_backfill.models import datetime_to_ms
 from polygon_backfill.sandbox import RequestRecord, SandboxConfig, SandboxServer
 from polygon_backfill.sandbox.faults import FaultKind, FaultRule, parse_faults
+from tests.support import SandboxFactory, sandboxes
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
@@ -26,7 +27,7 @@ MINUTES = "/v2/aggs/ticker/AAPL/range/1/minute/2024-01-02/2024-01-02"
 LO = datetime_to_ms(datetime(2024, 1, 2, 5, tzinfo=UTC))  # New York midnight
 HI = datetime_to_ms(datetime(2024, 1, 6, 5, tzinfo=UTC)) - 1
 
-Factory = Callable[..., Awaitable[SandboxServer]]
+Factory = SandboxFactory
 Json = dict[str, Any]
 Http = httpx.AsyncClient
 
@@ -34,18 +35,8 @@ Http = httpx.AsyncClient
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Factory]:
     """Start sandboxes (port 0, fixed ``now``, synthetic bars); all stopped after the test."""
-    started: list[SandboxServer] = []
-
-    async def start(*faults: FaultRule, **options: Any) -> SandboxServer:
-        options.setdefault("now", lambda: NOW)
-        server = SandboxServer(SandboxConfig(faults=list(faults), **options))
-        await server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await server.stop()
+    async with sandboxes(NOW) as start:
+        yield start
 
 
 @pytest.fixture
