@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import structlog
 from bench.harness import fresh_database
 from polygon_backfill.config import Settings
 from polygon_backfill.storage import BarStore, EmbeddedPostgres
+from tests.support import REAL_DATA, SandboxFactory, sandboxes
 
 # --------------------------------------------------------------------------------------
 # Isolation from the developer's machine: no environment settings, no stray .env or logs/.
@@ -83,3 +85,26 @@ async def bar_store(database_url: str) -> AsyncIterator[BarStore]:
         yield store
     finally:
         await store.close()
+
+
+# --------------------------------------------------------------------------------------
+# Sandboxes: the real CSV data set, and sandboxes whose "now" is SANDBOX_NOW.
+# --------------------------------------------------------------------------------------
+
+SANDBOX_NOW = datetime(2024, 6, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def real_dir() -> Path:
+    """``../shared/data/real``; the test is skipped where it is absent."""
+    if not REAL_DATA.is_dir():
+        pytest.skip("../shared/data/real is absent")
+    return REAL_DATA
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[SandboxFactory]:
+    """Start sandboxes (port 0, ``now`` fixed at SANDBOX_NOW unless given); all stopped
+    after the test."""
+    async with sandboxes(SANDBOX_NOW) as start:
+        yield start

@@ -127,3 +127,42 @@ def test_sigterm_lets_the_running_pass_finish_its_page_and_exits_cleanly(
     stored, outside = asyncio.run(uncovered_bars())
     assert stored > 0
     assert outside == 0
+
+
+def test_gaps_report_and_verify_on_a_backfilled_table(
+        sandbox_requiring_key: str, cli_database: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """After `once`: `gaps` finds no hole (exit 0) until bars are deleted (exit 1, the
+    sessions listed), `report` writes the PNG and HTML, `verify` finds no mismatch."""
+    monkeypatch.setenv("POLYGON_API_KEY", "right-key")
+    monkeypatch.setenv("DATABASE_URL", cli_database)
+    universe = ["--base-url", sandbox_requiring_key, "--tickers", "AAPL,X:BTCUSD",
+                "--timeframes", "1d", "--days", "15"]
+    assert main(["once", *universe]) == 0
+    capsys.readouterr()
+    assert main(["gaps", *universe]) == 0
+    assert "0 hole(s) in 0 of 2 pair(s)" in capsys.readouterr().out
+
+    async def punch() -> str:
+        connection = await asyncpg.connect(cli_database)
+        try:
+            day = await connection.fetchval(
+                "SELECT session_date FROM bars WHERE ticker = 'AAPL' ORDER BY bar_time "
+                "OFFSET 2 LIMIT 1")
+            await connection.execute("DELETE FROM bars WHERE ticker = 'AAPL' AND "
+                                     "session_date = $1", day)
+            return str(day)
+        finally:
+            await connection.close()
+
+    day = asyncio.run(punch())
+    assert main(["gaps", *universe]) == 1
+    out = capsys.readouterr().out
+    assert "1 hole(s) in 1 of 2 pair(s)" in out
+    assert day in out
+    assert main(["report", *universe, "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "coverage.png").stat().st_size > 0
+    assert "AAPL 1d" in (tmp_path / "report" / "coverage.html").read_text()
+    capsys.readouterr()
+    assert main(["verify", *universe, "--sample", "8", "--seed", "3"]) == 0
+    assert "Verified 8 session(s)" in capsys.readouterr().out

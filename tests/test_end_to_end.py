@@ -94,13 +94,18 @@ async def test_backfill_leaves_exactly_the_csv_rows(
 
 async def test_second_run_writes_nothing_and_asks_only_for_the_trailing_window(
         bar_store: BarStore, real_sandbox: SandboxServer) -> None:
-    """After a full run, each pair costs one request (its trailing window) and no write."""
+    """After a full run, each pair costs one request (its trailing window) and no write,
+    and each stored stock ticker one split check."""
     await backfill(bar_store, real_sandbox)
     before = len(real_sandbox.requests)
     again = await backfill(bar_store, real_sandbox)
     assert again["bars_written"] == 0
-    asked = real_sandbox.requests[before:]
-    assert again["requests"] == len(asked) == len(SERIES)
+    split_checks = [r.params["ticker"] for r in real_sandbox.requests[before:]
+                    if r.path == "/v3/reference/splits"]
+    assert split_checks == ["AAPL", "SPY"]
+    asked = [r for r in real_sandbox.requests[before:] if r.path.startswith("/v2/aggs/")]
+    assert again["requests"] == len(asked) + len(split_checks)
+    assert len(asked) == len(SERIES)
     today = datetime.now(UTC)
     for record in asked:
         assert record.status == 200

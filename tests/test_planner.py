@@ -19,10 +19,14 @@ def at(*args: int) -> datetime:
 
 
 def test_first_run_plans_the_whole_window_from_an_aligned_start() -> None:
-    """No coverage: one range from the bar containing the start up to now."""
+    """No coverage: one range from the bar containing the start up to now; a start on a
+    day without a session (New Year's Day) moves to the next session's local midnight."""
+    ranges = missing_ranges("AAPL", FIVE, [], start=at(2026, 1, 2, 10, 3), now=NOW,
+                            trailing_window=timedelta(days=1))
+    assert ranges == [TimeRange(at(2026, 1, 2, 10, 0), NOW)]
     ranges = missing_ranges("AAPL", FIVE, [], start=at(2026, 1, 1, 10, 3), now=NOW,
                             trailing_window=timedelta(days=1))
-    assert ranges == [TimeRange(at(2026, 1, 1, 10, 0), NOW)]
+    assert ranges == [TimeRange(at(2026, 1, 2, 5, 0), NOW)]
 
 
 def test_daily_start_aligns_to_new_york_midnight_and_crypto_to_utc() -> None:

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from itertools import groupby
 from pathlib import Path
@@ -19,7 +19,7 @@ import pytest
 
 from polygon_backfill.models import NEW_YORK, datetime_to_ms, session_date
 from polygon_backfill.sandbox import RequestRecord, SandboxServer
-from tests.support import SandboxFactory, sandboxes
+from tests.support import SandboxFactory
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
@@ -28,18 +28,8 @@ Factory = SandboxFactory
 Json = dict[str, Any]
 
 
-@pytest.fixture
-def real_dir() -> Path:
-    if not REAL_DIR.is_dir():
-        pytest.skip("../shared/data/real is absent")
-    return REAL_DIR
 
 
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Factory]:
-    """Start sandboxes (port 0, fixed ``now`` unless given); all stopped after the test."""
-    async with sandboxes(NOW) as start:
-        yield start
 
 
 async def get(server: SandboxServer, url: str, **kwargs: Any) -> httpx.Response:

@@ -18,7 +18,7 @@ import pytest
 from polygon_backfill.models import datetime_to_ms
 from polygon_backfill.sandbox import RequestRecord, SandboxConfig, SandboxServer
 from polygon_backfill.sandbox.faults import FaultKind, FaultRule, parse_faults
-from tests.support import SandboxFactory, sandboxes
+from tests.support import SandboxFactory
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
@@ -32,11 +32,6 @@ Json = dict[str, Any]
 Http = httpx.AsyncClient
 
 
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Factory]:
-    """Start sandboxes (port 0, fixed ``now``, synthetic bars); all stopped after the test."""
-    async with sandboxes(NOW) as start:
-        yield start
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
-"""``polygon-backfill run | once | status | sandbox``: the command line.
+"""``polygon-backfill run | once | status | gaps | verify | report | sandbox``.
 
-Exit codes: 0 success, 1 some tickers failed, 2 invalid configuration, 3 API key rejected.
+Exit codes: 0 success, 1 some tickers failed (``gaps``: holes found; ``verify``: mismatches
+found), 2 invalid configuration, 3 API key rejected.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
+from polygon_backfill.audit_commands import gaps_command, report_command, verify_command
 from polygon_backfill.clock import ScaledClock
 from polygon_backfill.config import DEFAULT_BASE_URL, Settings, load_settings
 from polygon_backfill.errors import AuthenticationError, ConfigError
@@ -38,12 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polygon-backfill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def backfill_options(command: argparse.ArgumentParser) -> None:
+    def universe_options(command: argparse.ArgumentParser) -> None:
         command.add_argument("--tickers", help="comma-separated, overrides TICKERS")
         command.add_argument("--timeframes", help="e.g. 1m,5m,1h,1d; overrides TIMEFRAMES")
         command.add_argument("--start", help="YYYY-MM-DD; overrides BACKFILL_START")
         command.add_argument("--days", type=int, help="days back; overrides BACKFILL_DAYS")
         command.add_argument("--base-url", help="overrides POLYGON_BASE_URL")
+
+    def backfill_options(command: argparse.ArgumentParser) -> None:
+        universe_options(command)
         mode = command.add_mutually_exclusive_group()
         mode.add_argument("--parallel", dest="parallel_backfill", action="store_const",
                           const=True, help="BACKFILL_MODE: pipeline (default) or the seed's "
@@ -58,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     backfill_options(commands.add_parser("once", help="one backfill pass now, then exit"))
     backfill_options(commands.add_parser("run", help="the daemon: passes on the cron schedule"))
     commands.add_parser("status", help="bars, first, last and last result per pair")
+    universe_options(commands.add_parser(
+        "gaps", help="holes per ticker and timeframe: sessions expected against bars stored"))
+    verify = commands.add_parser(
+        "verify", help="fetch a random sample of stored sessions again and compare")
+    universe_options(verify)
+    verify.add_argument("--sample", type=int, default=20, help="sessions to check (20)")
+    verify.add_argument("--seed", type=int, help="random seed, to repeat a sample")
+    report = commands.add_parser(
+        "report", help="coverage heatmap of tickers by day, as PNG and HTML")
+    universe_options(report)
+    report.add_argument("--out", type=Path, default=Path("reports"),
+                        help="directory for coverage.png and coverage.html (reports/)")
 
     sandbox = commands.add_parser("sandbox", help="serve a local Polygon-compatible API")
     sandbox.add_argument("--host", default="127.0.0.1")
@@ -81,13 +98,14 @@ def _parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     given = {"tickers": args.tickers, "timeframes": args.timeframes,
              "backfill_start": args.start, "backfill_days": args.days,
-             "polygon_base_url": args.base_url, "parallel_backfill": args.parallel_backfill}
+             "polygon_base_url": args.base_url,
+             "parallel_backfill": getattr(args, "parallel_backfill", None)}
     return {key: value for key, value in given.items() if value is not None}
 
 
 def _load(args: argparse.Namespace) -> Settings:
     settings = load_settings(**_overrides(args))
-    if args.with_sandbox and not settings.polygon_api_key.get_secret_value():
+    if getattr(args, "with_sandbox", False) and not settings.polygon_api_key.get_secret_value():
         settings = settings.with_overrides(polygon_api_key=SANDBOX_API_KEY)
     if (not settings.polygon_api_key.get_secret_value()
             and settings.polygon_base_url == DEFAULT_BASE_URL):
@@ -210,10 +228,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             configure_logging(None, "INFO")
             run_sandbox(_sandbox_config(args), args.host, args.port)
             return 0
-        settings = _load(args) if args.command in ("once", "run") else load_settings()
+        if args.command in ("once", "run", "verify"):  # these call the API
+            settings = _load(args)
+        else:
+            settings = load_settings(**_overrides(args)) if args.command != "status" \
+                else load_settings()
         configure_logging(settings.log_file, settings.log_level, settings.secrets())
         if args.command == "status":
             return asyncio.run(_status(settings))
+        if args.command == "gaps":
+            return asyncio.run(gaps_command(settings, console))
+        if args.command == "verify":
+            return asyncio.run(verify_command(settings, console, sample=args.sample,
+                                              seed=args.seed))
+        if args.command == "report":
+            return asyncio.run(report_command(settings, console, out_dir=args.out))
         return asyncio.run(_backfill(args, settings, daemon=args.command == "run"))
     except ConfigError as exc:
         print(f"polygon-backfill: invalid configuration: {exc}", file=sys.stderr)

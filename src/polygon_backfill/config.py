@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     backfill_days: int = Field(default=30, ge=1)
     adjusted: bool = True
     trailing_window_days: float = Field(default=3.0, ge=0)
+    trailing_window_by_timeframe: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict)
+    check_splits: bool = True
 
     parallel_backfill: bool = True
     backfill_mode: Literal["pipeline", "groups"] = "pipeline"
@@ -108,6 +111,25 @@ class Settings(BaseSettings):
             return list(dict.fromkeys(parsed))
         return items
 
+    @field_validator("trailing_window_by_timeframe", mode="before")
+    @classmethod
+    def _parse_trailing_windows(cls, value: Any) -> Any:
+        """``1m=1,1d=5``: days re-fetched every run, per timeframe."""
+        items = _split_csv(value)
+        if not isinstance(items, list):
+            return items
+        windows: dict[str, float] = {}
+        for item in items:
+            name, sep, days = item.partition("=")
+            try:
+                timeframe = Timeframe.parse(name.strip())
+                windows[timeframe.name] = float(days) if sep else float("nan")
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not TIMEFRAME=DAYS ({exc})") from None
+            if not windows[timeframe.name] >= 0:
+                raise ValueError(f"{item!r} is not TIMEFRAME=DAYS with DAYS >= 0")
+        return windows
+
     @field_validator("rate_limit")
     @classmethod
     def _check_rate_limit(cls, value: str) -> str:
@@ -144,6 +166,11 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ConfigError(f"SCHEDULE_CRON: {self.schedule_cron!r} is not a valid "
                               f"crontab expression ({exc})") from exc
+
+    def trailing_window_for(self, timeframe: Timeframe) -> timedelta:
+        """How far back every run re-fetches ``timeframe`` (late and corrected bars)."""
+        days = self.trailing_window_by_timeframe.get(timeframe.name, self.trailing_window_days)
+        return timedelta(days=days)
 
     def backfill_start_for(self, ticker: str, now: datetime) -> datetime:
         """The earliest moment to keep for ``ticker``, as aware UTC: ``BACKFILL_START`` is a

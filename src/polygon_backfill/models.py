@@ -7,6 +7,7 @@ stocks and indices, UTC for crypto and forex), never by its raw timestamp.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -157,6 +158,33 @@ class Bar:
     volume: float | None = None
     vwap: float | None = None
     trades: int | None = None
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Split:
+    """One stock split as Polygon's splits reference lists it: from the session of
+    ``execution_date`` on, ``split_from`` old shares are ``split_to`` new ones (AAPL on
+    2020-08-31: 1 -> 4; a reverse split has ``split_from > split_to``).
+
+    Adjusted bars of the sessions before ``execution_date`` carry prices times
+    ``split_from / split_to`` and volumes times ``ratio``. Orders by date first.
+    """
+
+    execution_date: date
+    split_from: float
+    split_to: float
+
+    def __post_init__(self) -> None:
+        for name in ("split_from", "split_to"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"split {name} must be a positive finite number, got {value!r}")
+
+    @property
+    def ratio(self) -> float:
+        """New shares per old share: 4.0 for a 4-for-1 split, 0.1 for a 1-for-10 reverse."""
+        return self.split_to / self.split_from
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,13 @@ from polygon_backfill.models import (
     session_date,
     session_start,
 )
-from polygon_backfill.sessions import base_aggregates, is_trading_day
+from polygon_backfill.sessions import (
+    base_aggregates,
+    is_trading_day,
+    may_hold_bars,
+    session_dates,
+    trading_hours,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +82,16 @@ def missing_ranges(
     start: datetime,
     now: datetime,
     trailing_window: timedelta,
+    holes: Iterable[TimeRange] = (),
 ) -> list[TimeRange]:
-    """Ranges to fetch: ``[start, now)`` less what is covered, plus the trailing window.
+    """Ranges to fetch: ``[start, now)`` less what is covered, plus the trailing window and
+    ``holes`` (covered sessions whose bars are gone, from ``coverage.holes``).
 
     Coverage inside the trailing window does not count, so late and corrected bars are
-    fetched again on every run. Ranges start on bar boundaries.
+    fetched again on every run. Ranges start on bar boundaries; a range that holds no
+    session (a weekend, a holiday) is never asked for, one that starts on days without a
+    session starts at its first session instead, and two ranges with only days without a
+    session between them are asked for as one.
     """
     window_start = align_start(ticker, timeframe, start)
     if now <= window_start:
@@ -88,8 +99,30 @@ def missing_ranges(
     trusted_until = align_start(ticker, timeframe, now - trailing_window)
     trusted = [TimeRange(item.start, min(item.end, trusted_until)) for item in coverage
                if item.start < trusted_until]
-    gaps = subtract(TimeRange(window_start, now), trusted)
-    return [TimeRange(align_start(ticker, timeframe, gap.start), gap.end) for gap in gaps]
+    gaps = merge_ranges([*subtract(TimeRange(window_start, now), trusted), *holes])
+    wanted: list[TimeRange] = []
+    for gap in gaps:
+        if not may_hold_bars(ticker, timeframe, gap.start, gap.end):
+            continue
+        first = _first_session_start(ticker, timeframe, gap)
+        gap = TimeRange(align_start(ticker, timeframe, max(gap.start, first)), gap.end)
+        if wanted and not may_hold_bars(ticker, timeframe, wanted[-1].end, gap.start):
+            gap = TimeRange(wanted.pop().start, gap.end)  # only days without a session between
+        wanted.append(gap)
+    return wanted
+
+
+def _first_session_start(ticker: str, timeframe: Timeframe, span: TimeRange) -> datetime:
+    """Local midnight of the first session in ``span`` that can still have bars after
+    ``span.start`` (``span.start`` when none). A daily bar of the first day is kept: a
+    range never starts inside a bar."""
+    zone = home_zone(ticker)
+    for day in session_dates(ticker, span.start.astimezone(zone).date(),
+                             span.end.astimezone(zone).date()):
+        hours = trading_hours(ticker, day)
+        if timeframe.is_daily or hours is None or hours[1] > span.start:
+            return session_start(ticker, day)
+    return span.start
 
 
 def estimated_requests(ticker: str, timeframe: Timeframe, span: TimeRange,

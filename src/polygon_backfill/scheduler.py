@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
-from datetime import timedelta
+from datetime import datetime
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
@@ -33,6 +33,7 @@ from polygon_backfill.clients.circuit_breaker import CircuitBreaker
 from polygon_backfill.clients.rate_limiter import AdaptiveRateLimiter, RateLimit
 from polygon_backfill.clock import Clock, SystemClock
 from polygon_backfill.config import Settings, load_settings
+from polygon_backfill.coverage import expected_periods, is_covered, vouched_sessions
 from polygon_backfill.errors import (
     AuthenticationError,
     PolygonClientError,
@@ -42,6 +43,7 @@ from polygon_backfill.grouped import GroupedDailyBackfill, merge_results, plan_g
 from polygon_backfill.models import Timeframe, TimeRange
 from polygon_backfill.pipeline import PipelinedBackfill
 from polygon_backfill.planner import SymbolWork, missing_ranges
+from polygon_backfill.splits import refresh_splits
 from polygon_backfill.storage import BarStore, WriteResult, open_database
 from polygon_backfill.summary import BackfillSummary, PairOutcome, TickerResult
 
@@ -88,23 +90,8 @@ class AutoBackfillScheduler:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self.progress = progress
-        self.polygon_client = polygon_client or PolygonClient(
-            settings.polygon_api_key.get_secret_value(),
-            settings.polygon_base_url,
-            timeout_s=settings.http_timeout_seconds,
-            max_attempts=settings.retry_attempts,
-            max_wait_s=settings.retry_max_wait_seconds,
-            page_limit=settings.page_limit,
-            max_pages=settings.max_pages,
-            adjusted=settings.adjusted,
-            sleep=self.clock.sleep,
-            rate_limiter=AdaptiveRateLimiter(RateLimit.parse(settings.rate_limit),
-                                             clock=self.clock),
-            circuit_breaker=CircuitBreaker(
-                failure_threshold=settings.circuit_failure_threshold,
-                cooldown_s=settings.circuit_cooldown_seconds, clock=self.clock,
-                on_change=self._circuit_changed),
-        )
+        self.polygon_client = polygon_client or client_for(
+            settings, self.clock, on_circuit_change=self._circuit_changed)
         self._store = store
         self._exit_stack = AsyncExitStack()
         self._job_lock = asyncio.Lock()
@@ -246,6 +233,8 @@ class AutoBackfillScheduler:
             requests_before = self.polygon_client.total_requests
             limited_before = self.polygon_client.rate_limited_count
             api_before = self.polygon_client.api_seconds
+            if self.settings.adjusted and self.settings.check_splits:
+                await self._check_splits()
             plan = await self._plan()
             if self.progress is not None:
                 self.progress.planned(sum(len(work.timeframes) for work in plan))
@@ -277,19 +266,43 @@ class AutoBackfillScheduler:
                      **summary.as_dict())
             return summary.as_dict()
 
+    async def _check_splits(self) -> None:
+        """Forget the coverage of stock tickers whose split list changed (``splits.py``)."""
+        try:
+            await refresh_splits(self.polygon_client.fetch_splits, self.store,
+                                 self.settings.tickers, self.clock.now())
+        except AuthenticationError as exc:  # every other request would be refused too
+            self.fatal_error = exc
+            self.request_stop()
+            raise
+
     async def _plan(self) -> list[SymbolWork]:
+        """What each pair misses: uncovered time, holes in covered time, trailing window."""
         now = self.clock.now()
-        trailing = timedelta(days=self.settings.trailing_window_days)
         plan = []
         for ticker in self.settings.tickers:
             start = self.settings.backfill_start_for(ticker, now)
             ranges = []
             for timeframe in self.settings.timeframes:
                 coverage = await self.store.coverage(ticker, timeframe)
+                holes = await self._holes(ticker, timeframe, coverage, start, now)
                 ranges += [(timeframe, gap) for gap in missing_ranges(
-                    ticker, timeframe, coverage, start=start, now=now, trailing_window=trailing)]
+                    ticker, timeframe, coverage, start=start, now=now, holes=holes,
+                    trailing_window=self.settings.trailing_window_for(timeframe))]
             plan.append(SymbolWork(ticker, tuple(ranges)))
         return plan
+
+    async def _holes(self, ticker: str, timeframe: Timeframe, coverage: list[TimeRange],
+                     start: datetime, now: datetime) -> list[TimeRange]:
+        """Sessions inside fetched ranges that hold no bar yet were not verified empty (bars
+        deleted or lost after the fetch): their days are fetched again."""
+        if not coverage:
+            return []
+        periods = [period for period in expected_periods(ticker, timeframe, start, now)
+                   if is_covered(period.needs, coverage)]
+        with_bars, verified_empty = await self.store.session_marks(ticker, timeframe, periods)
+        return [period.keys for period in periods
+                if period.day not in with_bars and period.day not in verified_empty]
 
     async def _backfill_grouped_daily(
         self, plan: list[SymbolWork]
@@ -446,6 +459,7 @@ class AutoBackfillScheduler:
         """Write one page and its coverage, retrying while PostgreSQL is unreachable or
         restarting (the page is kept in memory meanwhile). Shielded, so a shutdown never
         cuts a write in half; coverage is only recorded with the committed bars."""
+        filled, empty = vouched_sessions(ticker, timeframe, page.bars, page.covered)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(StorageUnavailableError),
             stop=stop_after_attempt(self.settings.db_retry_attempts),
@@ -453,14 +467,36 @@ class AutoBackfillScheduler:
             sleep=self.clock.sleep, before_sleep=_log_db_retry, reraise=True)
         async for attempt in retrying:
             with attempt:
-                task = asyncio.ensure_future(
-                    self.store.write_page(ticker, timeframe, page.bars, page.covered))
+                task = asyncio.ensure_future(self.store.write_page(
+                    ticker, timeframe, page.bars, page.covered, filled=filled, empty=empty))
                 self._pending_writes.add(task)
                 task.add_done_callback(self._pending_writes.discard)
                 result: WriteResult = await asyncio.shield(task)
         log.debug("backfill.page_written", ticker=ticker, timeframe=timeframe.name,
                   bars=len(page.bars), inserted=result.inserted, updated=result.updated)
         return result
+
+
+def client_for(settings: Settings, clock: Clock,
+               on_circuit_change: Callable[[str, str | None], None] | None = None
+               ) -> PolygonClient:
+    """The client ``settings`` describe, with its rate limiter and circuit breaker."""
+    return PolygonClient(
+        settings.polygon_api_key.get_secret_value(),
+        settings.polygon_base_url,
+        timeout_s=settings.http_timeout_seconds,
+        max_attempts=settings.retry_attempts,
+        max_wait_s=settings.retry_max_wait_seconds,
+        page_limit=settings.page_limit,
+        max_pages=settings.max_pages,
+        adjusted=settings.adjusted,
+        sleep=clock.sleep,
+        rate_limiter=AdaptiveRateLimiter(RateLimit.parse(settings.rate_limit), clock=clock),
+        circuit_breaker=CircuitBreaker(
+            failure_threshold=settings.circuit_failure_threshold,
+            cooldown_s=settings.circuit_cooldown_seconds, clock=clock,
+            on_change=on_circuit_change),
+    )
 
 
 def _log_lock_wait() -> None:

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from polygon_backfill.models import (
     Timeframe,
@@ -84,6 +84,31 @@ def local_next_url(next_url: str, series_path: str) -> str:
             if piece and unquote(piece.split("=", 1)[0]).lower() != "apikey"]
     path = parts.path[at:]
     return f"{path}?{'&'.join(kept)}" if kept else path
+
+
+def local_reference_url(next_url: str, path: str, ticker: str) -> str:
+    """A reference list's ``next_url`` (``path``: ``/v3/reference/splits``) cut down to its
+    path and query, for our own base URL: scheme, host, port and ``apiKey`` dropped, as
+    :func:`local_next_url` does. Raises ValueError if it names another endpoint, or a
+    ``ticker`` other than ``ticker`` (its cursor is opaque; a ticker in the clear is not).
+    """
+    parts = urlsplit(next_url.strip())
+    at = parts.path.find(path)
+    if at < 0 or ".." in parts.path or parts.path[at:] != path:
+        raise ValueError(f"next_url is not a {path} URL")
+    kept = [piece for piece in parts.query.split("&")
+            if piece and unquote(piece.split("=", 1)[0]).lower() != "apikey"]
+    named = {value for key, value in parse_qsl(parts.query) if key == "ticker"}
+    if named and named != {ticker}:
+        raise ValueError("next_url leaves the ticker being fetched")
+    return f"{path}?{'&'.join(kept)}" if kept else path
+
+
+def url_key(url: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A relative URL's path and sorted query pairs: equal for the same page however its
+    parameters are ordered or escaped."""
+    parts = urlsplit(url)
+    return parts.path, tuple(sorted(parse_qsl(parts.query, keep_blank_values=True)))
 
 
 def from_of(url: str, ticker: str) -> datetime | None:

@@ -11,6 +11,8 @@ page, only the ``from`` segment moves) or too many pages is a :class:`Pagination
 Optional guards, shared by every task of the process: an :class:`AdaptiveRateLimiter` paces
 request starts under the plan's limit and adapts to 429s; a :class:`CircuitBreaker` stops
 calling an API that keeps failing. Without them the client calls as fast as it is asked.
+
+``fetch_splits`` reads the splits reference through the same machinery, page by page.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ from polygon_backfill.clients.responses import (
     AggregatesResponse,
     PayloadError,
     ReadBars,
+    SplitsPage,
     parse_aggregates,
     parse_grouped_daily,
+    parse_splits,
     read_status,
     select_bars,
     server_text,
@@ -66,6 +70,7 @@ from polygon_backfill.errors import (
 )
 from polygon_backfill.models import (
     Bar,
+    Split,
     Timeframe,
     TimeRange,
     Timespan,
@@ -85,6 +90,10 @@ _Grouped = tuple[dict[str, Bar], bool]
 _T = TypeVar("_T")
 
 _GROUPED_PATH = "/v2/aggs/grouped/locale/us/market/stocks/"
+_SPLITS_PATH = "/v3/reference/splits"
+_SPLITS_MAX_LIMIT = 1000  # Polygon's maximum for reference lists
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NO_SPAN = TimeRange(_EPOCH, _EPOCH)  # a request that is not about a span of bars
 _DAILY = Timeframe(1, Timespan.DAY)
 # The grouped endpoint answers for US stocks: any plain stock ticker names their calendar.
 _STOCK_CALENDAR = "SPY"
@@ -132,12 +141,14 @@ class _Request:
 class _Job:
     """What one ``iter_pages`` call is about; its fields go into every error and log line.
 
-    ``label`` names a request that is not one ticker's series (the grouped-daily one)."""
+    ``label`` names a request that is not one ticker's series (grouped daily, splits);
+    ``what`` names its kind of answer in a malformed-body error."""
 
     ticker: str
     timeframe: Timeframe
     span: TimeRange
     label: str | None = None
+    what: str = "aggregates"
 
     @property
     def name(self) -> str:
@@ -331,7 +342,8 @@ class PolygonClient:
         label = f"grouped daily {day.isoformat()}"
         opens = session_start(_STOCK_CALENDAR, day)
         closes = session_start(_STOCK_CALENDAR, day + timedelta(days=1))
-        job = _Job(_STOCK_CALENDAR, _DAILY, TimeRange(opens, closes), label=label)
+        job = _Job(_STOCK_CALENDAR, _DAILY, TimeRange(opens, closes), label=label,
+                   what="grouped daily")
         request = _Request(f"{_GROUPED_PATH}{day.isoformat()}",
                            {"adjusted": "true" if self._adjusted else "false"}, opens)
 
@@ -342,6 +354,58 @@ class PolygonClient:
         bars, _ = await self._with_retries(
             job, lambda: self._attempt(request, job, _read_grouped), suspect)
         return bars
+
+    async def fetch_splits(self, ticker: str) -> list[Split]:
+        """Every split Polygon lists for ``ticker``, sorted by execution date (an exact
+        duplicate listed twice comes back once).
+
+        ``GET /v3/reference/splits?ticker=T&limit=1000&order=asc&sort=execution_date``
+        (``limit`` is ``page_limit`` when that is smaller), then each ``next_url`` on our
+        own base URL with the key in the header only; a ``next_url`` naming another
+        endpoint or ticker, one already fetched (a loop), or more than ``max_pages`` pages
+        is a :class:`PaginationError`. Each page has the retries, limiter and breaker of an
+        aggregates page. A malformed body (a bad date, a ratio that is not a positive
+        number, another ticker's split) is retried and then raised as
+        :class:`MalformedResponseError`; ``results: null`` is doubted the same way and
+        ends as :class:`SuspectEmptyError`. Only a body without results means none.
+        """
+        validate_ticker(ticker)
+        job = _Job(ticker, _DAILY, _NO_SPAN, label=f"{ticker} splits", what="splits")
+        params = {"ticker": ticker, "limit": str(min(self._page_limit, _SPLITS_MAX_LIMIT)),
+                  "order": "asc", "sort": "execution_date"}
+        request = _Request(_SPLITS_PATH, params, _EPOCH)
+        seen = {_urls.url_key(f"{_SPLITS_PATH}?{urlencode(params)}")}
+        found: set[Split] = set()
+        pages = 0
+        while True:
+            if pages >= self._max_pages:
+                raise PaginationError(f"page cap of {self._max_pages} reached", **job.context)
+            pages += 1
+            page = await self._fetch_splits_page(request, job)
+            found.update(page.splits)
+            if not page.next_url:
+                break
+            try:
+                url = _urls.local_reference_url(page.next_url, _SPLITS_PATH, ticker)
+            except ValueError as exc:
+                raise PaginationError(str(exc), **job.context) from None
+            key = _urls.url_key(url)
+            if key in seen:
+                raise PaginationError("next_url repeats a page already fetched",
+                                      **job.context)
+            seen.add(key)
+            request = _Request(url, None, _EPOCH)
+        log.debug("polygon.splits_fetched",
+                  message=f"Fetched {len(found)} split(s) of {ticker} in {pages} page(s)",
+                  **job.context, splits=len(found), pages=pages)
+        return sorted(found)
+
+    async def _fetch_splits_page(self, request: _Request, job: _Job) -> SplitsPage:
+        """One splits page with retries; ``results: null`` is retried like a failure."""
+        return await self._with_retries(
+            job, lambda: self._attempt(
+                request, job, functools.partial(parse_splits, ticker=job.ticker)),
+            lambda page: page.results_null)
 
     async def _fetch_page(self, request: _Request, job: _Job) -> _Answer:
         """One page with retries; after the last attempt the last error is raised as is."""
@@ -367,7 +431,8 @@ class PolygonClient:
                     answer = await call()
                     if suspect(answer):
                         raise SuspectEmptyError(
-                            "results: null for a span holding a whole trading session",
+                            "results: null for a span holding a whole trading session"
+                            if job.span is not _NO_SPAN else "results: null",
                             **job.context)
                     return answer
         except RateLimitedError:
@@ -533,8 +598,8 @@ class PolygonClient:
                                              server_message=self._message(payload), **context)
             return parse(payload)
         except PayloadError as exc:
-            what = "grouped daily" if job.label is not None else "aggregates"
-            raise MalformedResponseError(f"malformed {what} answer: {exc}",
+            # redacted: a splits error quotes the server's values, which could echo the key
+            raise MalformedResponseError(self._redact(f"malformed {job.what} answer: {exc}"),
                                          **context) from None
 
     def _retry_after(self, response: httpx.Response) -> float | None:

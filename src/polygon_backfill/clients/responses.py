@@ -9,18 +9,25 @@ Two kinds of trouble are told apart on purpose (pitfall 3):
   volume) is dropped and counted; the rest are kept. An open or close outside [low, high]
   is kept: real vendor series contain such bars (two in SPY's daily history), and a
   backfill must store the source as it is.
+
+The splits reference (``/v3/reference/splits``) is held to the same rule: a result without
+a valid ISO ``execution_date`` or with a ratio that is not a positive number makes the
+whole body malformed, since a split list is only worth comparing when it is whole.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from polygon_backfill.errors import MalformedResponseError
-from polygon_backfill.models import Bar
+from polygon_backfill.models import Bar, Split
 
 SUCCESS_STATUSES = frozenset({"OK", "DELAYED"})
 NOT_AUTHORIZED = "NOT_AUTHORIZED"
@@ -229,3 +236,75 @@ def parse_grouped_daily(payload: Any) -> dict[str, Bar]:
         raise MalformedResponseError(
             f"grouped daily answer is malformed: {_describe(exc)}") from None
     return found
+
+
+class SplitsResponse(BaseModel):
+    """The top level of ``/v3/reference/splits``; ``results`` is read by :func:`read_split`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    status: str
+    results: list[Any] | None = None
+    next_url: str | None = None
+
+    @property
+    def results_null(self) -> bool:
+        """``"results": null`` written out, as opposed to the key being absent."""
+        return self.results is None and "results" in self.model_fields_set
+
+
+@dataclass(frozen=True, slots=True)
+class SplitsPage:
+    """One page of a ticker's splits, its ``next_url``, and whether ``results`` was null."""
+
+    splits: list[Split]
+    next_url: str | None
+    results_null: bool
+
+
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _shown(value: object) -> str:
+    """A server's value as quoted in an error: its repr whole (so the client's redaction
+    still finds a key echoed in it), or only its size when long."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__} of {len(text)} characters"
+
+
+def _ratio_part(raw: dict[str, Any], key: str, index: int) -> float:
+    value = raw.get(key)
+    if type(value) not in _NUMBERS:
+        raise PayloadError(f"results.{index}.{key}: not a number ({type(value).__name__})")
+    if not math.isfinite(value) or value <= 0:
+        raise PayloadError(f"results.{index}.{key}: not a positive number ({_shown(value)})")
+    return float(value)
+
+
+def read_split(raw: object, index: int, ticker: str | None = None) -> Split:
+    """One result as a :class:`Split`; PayloadError when it is not a sound one (or names
+    another ticker than ``ticker``). Unknown fields (``id``...) are ignored."""
+    if not isinstance(raw, dict):
+        raise PayloadError(f"results.{index}: not an object")
+    text = raw.get("execution_date")
+    if not isinstance(text, str) or not _ISO_DATE.fullmatch(text):
+        raise PayloadError(f"results.{index}.execution_date: not an ISO date ({_shown(text)})")
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        raise PayloadError(f"results.{index}.execution_date: not a date ({_shown(text)})") from None
+    named = raw.get("ticker")
+    if ticker is not None and named is not None and named != ticker:
+        raise PayloadError(f"results.{index}.ticker: {_shown(named)}, not the {ticker!r} asked for")
+    return Split(day, _ratio_part(raw, "split_from", index), _ratio_part(raw, "split_to", index))
+
+
+def parse_splits(payload: object, ticker: str | None = None) -> SplitsPage:
+    """Validate a successful splits body (status checked by the caller) and read every
+    result; a missing ``results`` is "no splits", ``results: null`` is flagged."""
+    try:
+        answer = SplitsResponse.model_validate(payload)
+    except ValidationError as exc:
+        raise PayloadError(_describe(exc)) from None
+    splits = [read_split(raw, index, ticker) for index, raw in enumerate(answer.results or [])]
+    return SplitsPage(splits, answer.next_url or None, answer.results_null)

@@ -7,6 +7,10 @@ generated per block of whole buckets aligned to the epoch, so every split of a r
 the same blocks, and a block's bars are a pure function of (ticker, multiplier, timespan,
 t): caching them cannot change an answer. Least recently used blocks go first once the
 cached text passes a byte budget (the bench's 300-day workload, ~1.8M bars, fits).
+
+Split-adjusted blocks are keyed by the ticker's :class:`Adjustment` (its whole split list),
+so a new split can never serve stale text: the old blocks just age out. A block that
+starts after the last execution date is the unadjusted one, shared by both.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from polygon_backfill.models import Timespan
-from polygon_backfill.sandbox.buckets import INTRADAY_MS
+from polygon_backfill.sandbox.buckets import INTRADAY_MS, Adjustment
 from polygon_backfill.sandbox.synthetic import SyntheticSource
 
 DEFAULT_BUDGET_BYTES = 512 * 1024 * 1024
@@ -31,6 +35,7 @@ _BAR_OVERHEAD = 80  # bytes per cached bar besides its text: str header, list sl
 
 Row = tuple[int, int, str]
 """One bar as served: ``t``, the base aggregates it consumes, its JSON text."""
+_Key = tuple[str, int, Timespan, int, Adjustment | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,32 +61,36 @@ class SyntheticCache:
                  budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
         self._source = source
         self._budget = budget_bytes
-        self._blocks: OrderedDict[tuple[str, int, Timespan, int], _Block] = OrderedDict()
+        self._blocks: OrderedDict[_Key, _Block] = OrderedDict()
         self.size = 0
 
     def select(self, ticker: str, multiplier: int, timespan: Timespan, lo: int, hi: int,
-               descending: bool) -> Iterator[Row]:
-        """Rows with ``lo <= t <= hi`` in the requested order; lazy, so a short page only
-        builds the blocks it reaches."""
+               descending: bool, adjustment: Adjustment | None = None) -> Iterator[Row]:
+        """Rows with ``lo <= t <= hi`` in the requested order, split-adjusted by
+        ``adjustment`` when given; lazy, so a short page only builds the blocks it
+        reaches."""
         lo = max(lo, self._source.start_ms)
         span = block_ms(multiplier, timespan)
         numbers = range(lo // span, hi // span + 1)
         for number in reversed(numbers) if descending else numbers:
-            block = self._block((ticker, multiplier, timespan, number), span)
+            scaled = adjustment
+            if scaled is not None and number * span >= scaled.last_bound:
+                scaled = None  # every bar of the block ends after the last split
+            block = self._block((ticker, multiplier, timespan, number, scaled), span)
             first, stop = bisect_left(block.ts, lo), bisect_right(block.ts, hi)
             order = range(stop - 1, first - 1, -1) if descending else range(first, stop)
             ts, counts, texts = block.ts, block.counts, block.texts
             for index in order:
                 yield ts[index], counts[index], texts[index]
 
-    def _block(self, key: tuple[str, int, Timespan, int], span: int) -> _Block:
+    def _block(self, key: _Key, span: int) -> _Block:
         found = self._blocks.get(key)
         if found is not None:
             self._blocks.move_to_end(key)
             return found
-        ticker, multiplier, timespan, number = key
+        ticker, multiplier, timespan, number, adjustment = key
         ts, counts, texts = self._source.select_json(
-            ticker, multiplier, timespan, number * span, (number + 1) * span - 1)
+            ticker, multiplier, timespan, number * span, (number + 1) * span - 1, adjustment)
         size = sum(map(len, texts)) + _BAR_OVERHEAD * len(texts)
         block = _Block(array("q", ts), array("q", counts), texts, size)
         self._blocks[key] = block

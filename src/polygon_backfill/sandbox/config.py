@@ -49,6 +49,8 @@ class RequestRecord:
     """One request as the sandbox saw it, so tests can assert what a client sent.
 
     ``fault`` is the injected fault's kind value; ``status`` is 0 when no answer was sent.
+    ``ticker`` is an aggregates path's ticker, None for grouped daily and splits requests
+    (a splits request's ticker is in ``params``, or in its cursor on later pages).
     """
 
     path: str

@@ -5,6 +5,10 @@ A file is ``{TICKER}.{timespan}.csv`` (``I-SPX.minute.csv`` is ``I:SPX``) with c
 end-to-end test can compare stored values to the file value by value; coarser bars are
 aggregated once per (ticker, multiplier, timespan) and then selected with bisect.
 Each bar's JSON text is kept beside it, so a page is a join of strings.
+
+Split-adjusted series (``adjustment``) are built like Polygon builds them: every file row
+is adjusted by the splits after its session, then coarser bars are aggregated from the
+adjusted rows. A ticker without splits has one series for both ``adjusted`` values.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from polygon_backfill.models import (
 from polygon_backfill.sandbox.buckets import (
     INTRADAY_MS,
     ORDER,
+    Adjustment,
     Bar,
     aggregate,
+    bucket_last_ms,
     daily_bucket,
     is_intraday,
     local_midnight_ms,
@@ -116,7 +122,7 @@ class Dataset:
     def __init__(self, data_dir: Path | None) -> None:
         self._files: dict[str, dict[Timespan, Path]] = {}
         self._rows: dict[tuple[str, Timespan], list[Bar]] = {}
-        self._series: dict[tuple[str, int, Timespan], Series | None] = {}
+        self._series: dict[tuple[str, int, Timespan, Adjustment | None], Series | None] = {}
         if data_dir is not None:
             for path in sorted(Path(data_dir).glob("*.csv")):
                 parsed = ticker_from_filename(path.name)
@@ -127,12 +133,18 @@ class Dataset:
         """Every ticker that has at least one file."""
         return sorted(self._files)
 
-    def series(self, ticker: str, multiplier: int, timespan: Timespan) -> Series | None:
-        """The bars for this request, or None when no file can build them."""
-        key = (ticker, multiplier, timespan)
+    def series(self, ticker: str, multiplier: int, timespan: Timespan,
+               adjustment: Adjustment | None = None) -> Series | None:
+        """The bars for this request (split-adjusted by ``adjustment`` when given), or
+        None when no file can build them."""
+        key = (ticker, multiplier, timespan, adjustment)
         if key not in self._series:
-            self._series[key] = self._build(ticker, multiplier, timespan)
+            self._series[key] = self._build(ticker, multiplier, timespan, adjustment)
         return self._series[key]
+
+    def forget(self, ticker: str) -> None:
+        """Drop every series built for ``ticker`` (answers already sent keep theirs)."""
+        self._series = {key: found for key, found in self._series.items() if key[0] != ticker}
 
     def override(self, ticker: str, timespan: Timespan, t: int, values: dict[str, float]) -> None:
         """Change one file row's values from now on (a correction, as Polygon publishes them).
@@ -153,7 +165,7 @@ class Dataset:
             raise LookupError(f"{ticker!r} has no {timespan.value} bar at t={t}")
         clean = {key: int(value) if key == "n" else float(value) for key, value in values.items()}
         rows[index] = {**rows[index], **clean}
-        self._series = {key: found for key, found in self._series.items() if key[0] != ticker}
+        self.forget(ticker)
 
     def _base(self, ticker: str, timespan: Timespan) -> Timespan | None:
         """The file to build from: the same timespan if present, else the finest that can."""
@@ -172,11 +184,15 @@ class Dataset:
             self._rows[key] = _parse_file(self._files[ticker][base], with_volume)
         return self._rows[key]
 
-    def _build(self, ticker: str, multiplier: int, timespan: Timespan) -> Series | None:
+    def _build(self, ticker: str, multiplier: int, timespan: Timespan,
+               adjustment: Adjustment | None) -> Series | None:
         base = self._base(ticker, timespan)
         if base is None:
             return None
         rows = self._rows_of(ticker, base)
+        if adjustment is not None:
+            rows = [adjustment.bar(row, bucket_last_ms(ticker, 1, base, int(row["t"])))
+                    for row in rows]
         unit = _ROW_COUNT[base]
         if base is timespan and multiplier == 1:
             return Series.of(rows, [unit] * len(rows))

@@ -1,9 +1,11 @@
-"""Parsing and checking an aggregates request the way Polygon answers it (400 on nonsense)."""
+"""Parsing and checking aggregates and splits requests the way Polygon answers them (400 on
+nonsense)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import operator
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -71,7 +73,8 @@ def parse_bound(text: str, ticker: str, end: bool) -> int:
     return local_midnight_ms(day, home_zone(ticker))
 
 
-def _flag(value: str, name: str) -> bool:
+def parse_flag(value: str, name: str) -> bool:
+    """``true``/``1`` or ``false``/``0`` (any case), else BadRequestError."""
     if value.lower() in ("true", "1"):
         return True
     if value.lower() in ("false", "0"):
@@ -104,5 +107,79 @@ def parse_aggs(match: Mapping[str, str], query: Mapping[str, str]) -> AggsQuery:
     if hi < lo:
         raise BadRequestError("The 'to' date must be after the 'from' date.")
     return AggsQuery(ticker, int(match["multiplier"]), timespan, lo, hi,
-                     _flag(options.get("adjusted", "true"), "adjusted"), sort == "desc",
+                     parse_flag(options.get("adjusted", "true"), "adjusted"), sort == "desc",
                      int(limit_text))
+
+
+SPLITS_MAX_LIMIT = 1000
+SPLITS_DEFAULT_LIMIT = 10
+_SPLITS_SORTS = ("execution_date", "ticker")
+_COMPARISONS = ("", ".gt", ".gte", ".lt", ".lte")
+
+
+@dataclass(frozen=True, slots=True)
+class SplitsQuery:
+    """One validated ``/v3/reference/splits`` request.
+
+    ``tickers`` and ``dates`` are ``(comparison, value)`` filters (comparison ``""`` is
+    equality); ``offset`` comes only from a cursor. ``options`` are what a cursor carries.
+    """
+
+    tickers: tuple[tuple[str, str], ...]
+    dates: tuple[tuple[str, date], ...]
+    reverse_split: bool | None
+    sort: str
+    descending: bool
+    limit: int
+    offset: int
+    options: tuple[tuple[str, str], ...]
+
+
+def parse_splits(query: Mapping[str, str]) -> SplitsQuery:
+    """Validate a splits request (its cursor's options first, then the query's own);
+    raise BadRequestError like Polygon does. Unknown parameters are ignored."""
+    options = dict(decode_cursor(query["cursor"])) if query.get("cursor") else {}
+    offset_text = options.pop("offset", "0")
+    options.update({key: value for key, value in query.items()
+                    if key not in ("cursor", "offset", "apiKey")})
+    if not offset_text.isdigit():
+        raise BadRequestError("Invalid cursor.")
+    tickers: list[tuple[str, str]] = []
+    dates: list[tuple[str, date]] = []
+    for op in _COMPARISONS:
+        if f"ticker{op}" in options:
+            text = options[f"ticker{op}"]
+            try:
+                tickers.append((op, validate_ticker(text)))
+            except ValueError as exc:
+                raise BadRequestError(f"Invalid ticker: {text!r}.") from exc
+        if f"execution_date{op}" in options:
+            text = options[f"execution_date{op}"]
+            if not _DATE_RE.fullmatch(text):
+                raise BadRequestError(f"Invalid execution_date: {text!r}.")
+            try:
+                dates.append((op, date.fromisoformat(text)))
+            except ValueError as exc:
+                raise BadRequestError(f"Invalid execution_date: {text!r}.") from exc
+    reverse = (parse_flag(options["reverse_split"], "reverse_split")
+               if "reverse_split" in options else None)
+    limit_text = options.get("limit", str(SPLITS_DEFAULT_LIMIT))
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= SPLITS_MAX_LIMIT:
+        raise BadRequestError(f"Limit must be an integer between 1 and {SPLITS_MAX_LIMIT}.")
+    sort = options.get("sort", "execution_date")
+    if sort not in _SPLITS_SORTS:
+        raise BadRequestError(f"Sort must be one of {', '.join(_SPLITS_SORTS)}.")
+    order = options.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise BadRequestError("Order must be 'asc' or 'desc'.")
+    return SplitsQuery(tuple(tickers), tuple(dates), reverse, sort, order == "desc",
+                       int(limit_text), int(offset_text), tuple(sorted(options.items())))
+
+
+def matches(op: str, value: date | str, bound: date | str) -> bool:
+    """``value op bound`` for a filter's comparison suffix (``""`` is equality)."""
+    return bool(_OPERATORS[op](value, bound))
+
+
+_OPERATORS = {"": operator.eq, ".gt": operator.gt, ".gte": operator.ge, ".lt": operator.lt,
+              ".lte": operator.le}

@@ -4,12 +4,17 @@ It serves CSV files (exact values) and deterministic synthetic bars, pages by ba
 aggregates with ``next_url`` like Polygon, and can be told to be slow, rate limited,
 strict about the API key or faulty (``faults.py``), so every client failure path can be
 exercised offline through real HTTP.
+
+Splits added with ``add_split`` are listed by ``/v3/reference/splits`` and change what
+``adjusted=true`` (the default) serves for the bars before their execution dates; a ticker
+without splits is served from the same caches whichever ``adjusted`` is asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import signal
 import time
@@ -26,11 +31,13 @@ from aiohttp import web
 from polygon_backfill.models import (
     NEW_YORK,
     AssetClass,
+    Split,
     Timespan,
     asset_class,
     datetime_to_ms,
+    validate_ticker,
 )
-from polygon_backfill.sandbox.buckets import Bar, local_midnight_ms
+from polygon_backfill.sandbox.buckets import Adjustment, Bar, local_midnight_ms
 from polygon_backfill.sandbox.cache import Row, SyntheticCache
 from polygon_backfill.sandbox.config import RequestRecord, SandboxConfig
 from polygon_backfill.sandbox.dataset import Dataset
@@ -43,13 +50,23 @@ from polygon_backfill.sandbox.fault_bodies import (
     request_id,
 )
 from polygon_backfill.sandbox.faults import FaultInjector, FaultKind, FaultRule, Target
-from polygon_backfill.sandbox.query import AggsQuery, BadRequestError, encode_cursor, parse_aggs
+from polygon_backfill.sandbox.query import (
+    AggsQuery,
+    BadRequestError,
+    SplitsQuery,
+    encode_cursor,
+    matches,
+    parse_aggs,
+    parse_flag,
+    parse_splits,
+)
 from polygon_backfill.sandbox.synthetic import SyntheticSource
 
 log = structlog.get_logger(__name__)
 
 _AGGS = "/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{from}/{to}"
 _GROUPED = "/v2/aggs/grouped/locale/us/market/stocks/{date}"
+_SPLITS = "/v3/reference/splits"
 
 Body = dict[str, Any]
 
@@ -74,8 +91,9 @@ class Answer:
     has_next: bool = False
 
     @classmethod
-    def of(cls, status: int, body: Body, results: int = 0) -> Answer:
-        return cls(status, _dumps(body), results, bool(body.get("results")),
+    def of(cls, status: int, body: Body, results: int = 0, *, bars: bool = True) -> Answer:
+        """``bars=False`` for results that are not bars (bar faults must not touch them)."""
+        return cls(status, _dumps(body), results, bars and bool(body.get("results")),
                    "next_url" in body)
 
     def body(self) -> Body:
@@ -114,6 +132,8 @@ class SandboxServer:
         self._dataset = Dataset(config.data_dir)
         self._synthetic = (SyntheticCache(SyntheticSource(config.synthetic_start))
                            if config.synthetic else None)
+        self._splits: dict[str, list[Split]] = {}
+        self._adjustments: dict[str, Adjustment] = {}
         self._monotonic: Callable[[], float] = config.monotonic or time.monotonic
         self._window: deque[float] = deque()
         self._runner: web.AppRunner | None = None
@@ -123,6 +143,7 @@ class SandboxServer:
         app = web.Application()
         app.router.add_get(_AGGS, self._handle_aggs)
         app.router.add_get(_GROUPED, self._handle_grouped)
+        app.router.add_get(_SPLITS, self._handle_splits)
         app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
         return app
 
@@ -168,21 +189,49 @@ class SandboxServer:
             raise ValueError(f"override_bar supports dataset (CSV) tickers only, not {ticker!r}")
         self._dataset.override(ticker, Timespan(timespan), t, values)
 
+    def add_split(self, ticker: str, execution_date: date, split_from: float,
+                  split_to: float) -> None:
+        """List a split from now on, and adjust the ticker's bars for it.
+
+        ``/v3/reference/splits`` lists it; with ``adjusted=true`` (the default) every bar
+        of a session before ``execution_date`` is served with o, h, l, c and vw times
+        ``split_from / split_to`` and v times ``split_to / split_from`` (n kept), for CSV
+        and synthetic tickers alike; ``adjusted=false`` serves the raw series unchanged.
+        Coarser CSV bars are aggregated from adjusted rows, as Polygon does; a synthetic
+        bar is scaled as a whole by the splits after the last session of its bucket.
+        """
+        split = Split(execution_date, split_from, split_to)  # checks the numbers
+        validate_ticker(ticker)
+        listed = sorted([*self._splits.get(ticker, []), split])
+        adjustment = Adjustment.of(ticker, listed)
+        assert adjustment is not None
+        self._splits[ticker] = listed
+        self._adjustments[ticker] = adjustment
+        self._dataset.forget(ticker)  # its series for the old split list are never asked again
+
+    def splits(self, ticker: str) -> list[Split]:
+        """The splits added for ``ticker``, by execution date."""
+        return list(self._splits.get(ticker, []))
+
     # -- request pipeline: auth -> rate limit -> answer -> fault -> log -> latency -----
 
     async def _handle_aggs(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, self._aggs, grouped=False)
+        return await self._serve(request, self._aggs, scope="aggs")
 
     async def _handle_grouped(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, self._grouped, grouped=True)
+        return await self._serve(request, self._grouped, scope="grouped")
+
+    async def _handle_splits(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, self._splits_answer, scope="splits")
 
     async def _handle_unknown(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(
             request, lambda _: Answer.of(404, error_body("Not found.", "NOT_FOUND")))
 
     async def _serve(self, request: web.Request, answer: Callable[[web.Request], Answer],
-                     grouped: bool | None = None) -> web.StreamResponse:
-        """``grouped`` is None for routes that faults never touch."""
+                     scope: str | None = None) -> web.StreamResponse:
+        """``scope`` ("aggs", "grouped" or "splits") is what fault rules see; None for
+        routes that faults never touch."""
         rule: FaultRule | None = None
         if not self._authorized(request):
             reply = json_reply(401, error_body("Unknown API Key"))
@@ -192,8 +241,8 @@ class SandboxServer:
         else:
             found = answer(request)
             reply = Reply(found.status, found.text, results=found.results)
-            if grouped is not None:
-                rule = self._pick_fault(request, grouped, found)
+            if scope is not None:
+                rule = self._pick_fault(request, scope, found)
             if rule is not None:
                 reply = fault_reply(rule, found.status, found.body(), str(request.url),
                                     self._query(request), found.results)
@@ -212,13 +261,24 @@ class SandboxServer:
             return await _reset(request, reply)
         return _response(reply)
 
-    def _pick_fault(self, request: web.Request, grouped: bool,
+    def _pick_fault(self, request: web.Request, scope: str,
                     found: Answer) -> FaultRule | None:
+        """Splits requests are seen like grouped ones (no range, no bars to corrupt) with
+        neither ticker nor timespan: only rules naming neither hit them, so a rule aimed
+        at a ticker's bars is never spent on its split check."""
         match = request.match_info
-        return self._faults.pick(Target(
-            ticker=match.get("ticker"), timespan="day" if grouped else match.get("timespan"),
-            grouped=grouped, status=found.status, has_bars=found.has_bars,
-            has_next=found.has_next, first_page="cursor" not in request.query))
+        first_page = "cursor" not in request.query
+        if scope == "splits":
+            target = Target(ticker=None, timespan=None, grouped=True,
+                            status=found.status, has_bars=False, has_next=found.has_next,
+                            first_page=first_page)
+        else:
+            grouped = scope == "grouped"
+            target = Target(
+                ticker=match.get("ticker"), timespan="day" if grouped else match.get("timespan"),
+                grouped=grouped, status=found.status, has_bars=found.has_bars,
+                has_next=found.has_next, first_page=first_page)
+        return self._faults.pick(target)
 
     @staticmethod
     def _query(request: web.Request) -> AggsQuery | None:
@@ -288,12 +348,14 @@ class SandboxServer:
         return Answer(200, text, len(texts), bool(texts), next_t is not None)
 
     def _select(self, query: AggsQuery, lo: int, hi: int) -> Iterator[Row]:
-        series = self._dataset.series(query.ticker, query.multiplier, query.timespan)
+        adjustment = self._adjustments.get(query.ticker) if query.adjusted else None
+        series = self._dataset.series(query.ticker, query.multiplier, query.timespan,
+                                      adjustment)
         if series is not None:
             return series.rows(lo, hi, query.descending)
         if self._synthetic is not None:
             return self._synthetic.select(query.ticker, query.multiplier, query.timespan,
-                                          lo, hi, query.descending)
+                                          lo, hi, query.descending, adjustment)
         return iter(())
 
     def _next_url(self, request: web.Request, query: AggsQuery, next_t: int) -> str:
@@ -313,7 +375,10 @@ class SandboxServer:
             day = date.fromisoformat(request.match_info["date"])
         except ValueError:
             return Answer.of(400, error_body(f"Invalid date: '{request.match_info['date']}'."))
-        adjusted = request.query.get("adjusted", "true").lower() not in ("false", "0")
+        try:
+            adjusted = parse_flag(request.query.get("adjusted", "true"), "adjusted")
+        except BadRequestError as exc:
+            return Answer.of(400, error_body(str(exc)))
         close_ms = datetime_to_ms(datetime(day.year, day.month, day.day, 16, tzinfo=NEW_YORK))
         results: list[Bar] = []
         if close_ms < self._now_ms():
@@ -322,7 +387,8 @@ class SandboxServer:
             for ticker in self._dataset.tickers():
                 if asset_class(ticker) is not AssetClass.STOCK:
                     continue
-                series = self._dataset.series(ticker, 1, Timespan.DAY)
+                adjustment = self._adjustments.get(ticker) if adjusted else None
+                series = self._dataset.series(ticker, 1, Timespan.DAY, adjustment)
                 found = next(series.select(start, end, False), None) if series else None
                 if found is not None:
                     results.append({"T": ticker, **found[0], "t": close_ms})
@@ -332,6 +398,52 @@ class SandboxServer:
             body["results"] = results
         body.update(status="OK", request_id=request_id(), count=len(results))
         return Answer.of(200, body, len(results))
+
+    def _splits_answer(self, request: web.Request) -> Answer:
+        """``/v3/reference/splits``: the added splits that pass the filters, sorted, one
+        page of ``limit`` at a time; ``next_url`` carries everything in its cursor."""
+        try:
+            query = parse_splits(request.query)
+        except BadRequestError as exc:
+            return Answer.of(400, error_body(str(exc)))
+        found = [(ticker, split) for ticker, listed in self._splits.items()
+                 for split in listed if _split_matches(query, ticker, split)]
+        if query.sort == "ticker":
+            found.sort(key=lambda item: (item[0], item[1]), reverse=query.descending)
+        else:
+            found.sort(key=lambda item: (item[1], item[0]), reverse=query.descending)
+        end = query.offset + query.limit
+        page = found[query.offset:end]
+        body: Body = {}
+        if page:
+            body["results"] = [_split_json(ticker, split) for ticker, split in page]
+        body.update(status="OK", request_id=request_id())
+        if end < len(found):
+            cursor = encode_cursor({**dict(query.options), "offset": str(end)})
+            body["next_url"] = f"{request.scheme}://{request.host}{_SPLITS}?cursor={cursor}"
+        return Answer.of(200, body, len(page), bars=False)
+
+
+def _split_matches(query: SplitsQuery, ticker: str, split: Split) -> bool:
+    if query.reverse_split is not None and (
+            split.split_from > split.split_to) is not query.reverse_split:
+        return False
+    return (all(matches(op, ticker, value) for op, value in query.tickers)
+            and all(matches(op, split.execution_date, value) for op, value in query.dates))
+
+
+def _number(value: float) -> float | int:
+    """Whole ratios as JSON integers (``1``, ``4``), as Polygon writes them."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _split_json(ticker: str, split: Split) -> Body:
+    """One result in Polygon's shape; ``id`` is stable for the same split."""
+    day = split.execution_date.isoformat()
+    digest = hashlib.blake2b(f"{ticker}|{day}|{split.split_from!r}|{split.split_to!r}".encode(),
+                             digest_size=16).hexdigest()
+    return {"execution_date": day, "id": f"E{digest}", "split_from": _number(split.split_from),
+            "split_to": _number(split.split_to), "ticker": ticker}
 
 
 def _response(reply: Reply) -> web.Response:

@@ -1,8 +1,14 @@
 """When synthetic tickers trade: one session per local calendar day, in UTC ms.
 
-Stocks 04:00-20:00 New York (extended hours), indices 09:30-16:00, both on weekdays that are
-not Jan 1, Jul 4 or Dec 25; forex from Sunday 17:00 to Friday 17:00 New York; crypto every
-minute (its days are UTC days).
+The fake Polygon must leave gaps exactly where the real one does, or the daemon's
+calendar-driven planning and empty-answer checks go untested: stocks and indices follow the
+NYSE calendar, shared with the daemon (``polygon_backfill.sessions.nyse_session``, real
+``XNYS`` holidays, special closures and 13:00 early closes; the weekday rule outside the
+calendar's 1990-2099 window). Stocks trade 04:00 New York to four hours after the close
+(20:00, 17:00 on early closes), indices in the regular session (09:30 to the close); forex
+from Sunday 17:00 to Friday 17:00 New York (its days are New York days here; the daemon only
+assumes "any UTC day but Saturday", which contains this week); crypto every minute (its days
+are UTC days).
 """
 
 from __future__ import annotations
@@ -12,35 +18,50 @@ from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 
 from polygon_backfill.models import NEW_YORK, AssetClass, datetime_to_ms
+from polygon_backfill.sessions import load_calendar, nyse_session
 
-_HOLIDAYS = {(1, 1), (7, 4), (12, 25)}
+_AFTER_HOURS = timedelta(hours=4)  # stocks trade this long past the NYSE close
+
+# Read the calendar as the sandbox is imported, not on its first request: a second's pause
+# there would bunch up the requests queued behind it and trip the sandbox's own rate limit.
+load_calendar()
 
 
 def is_trading_day(day: date) -> bool:
-    """Weekdays except a few fixed US holidays."""
-    return day.weekday() < 5 and (day.month, day.day) not in _HOLIDAYS
+    """Whether NYSE (stocks and indices) has a session on ``day``, a New York date."""
+    return nyse_session(day) is not None
 
 
 def _local_minutes(kind: AssetClass, day: date) -> tuple[int, int] | None:
-    """Session [start, end) as minutes after local midnight, or None when closed."""
+    """A forex or crypto session [start, end) as minutes after local midnight, or None."""
     if kind is AssetClass.CRYPTO:
         return 0, 1440
-    if kind is AssetClass.FOREX:
-        weekday = day.weekday()
-        if weekday == 5:
-            return None
-        if weekday == 6:
-            return 17 * 60, 1440
-        return (0, 17 * 60) if weekday == 4 else (0, 1440)
-    if not is_trading_day(day):
+    weekday = day.weekday()
+    if weekday == 5:
         return None
-    return (4 * 60, 20 * 60) if kind is AssetClass.STOCK else (9 * 60 + 30, 16 * 60)
+    if weekday == 6:
+        return 17 * 60, 1440
+    return (0, 17 * 60) if weekday == 4 else (0, 1440)
+
+
+def _exchange_session(kind: AssetClass, day: date) -> tuple[int, int] | None:
+    """A stock's or index's session on ``day`` as UTC ms, from the NYSE calendar."""
+    session = nyse_session(day)
+    if session is None:
+        return None
+    if kind is AssetClass.INDEX:
+        return datetime_to_ms(session[0]), datetime_to_ms(session[1])
+    pre_market = datetime(day.year, day.month, day.day, 4, tzinfo=NEW_YORK)
+    after_hours = session[1].astimezone(NEW_YORK) + _AFTER_HOURS  # a weekday: no DST change
+    return datetime_to_ms(pre_market), datetime_to_ms(after_hours)
 
 
 @lru_cache(maxsize=65_536)
 def day_session(kind: AssetClass, ordinal: int) -> tuple[int, int] | None:
     """The session of local day ``ordinal`` as UTC ms ``(start, end)``, or None."""
     day = date.fromordinal(ordinal)
+    if kind in (AssetClass.STOCK, AssetClass.INDEX):
+        return _exchange_session(kind, day)
     minutes = _local_minutes(kind, day)
     if minutes is None:
         return None

@@ -4,6 +4,10 @@ Prices follow a smooth function of time (a few sines around a per-ticker base pr
 small noise; every random-looking number comes from blake2b of (ticker, ms), so the same
 bar comes back from any process, run or machine. A bar never needs the minute bars
 inside it, so a page of 10,000 five-minute bars costs about as much as 10,000 minute bars.
+
+The series is one smooth path with no jump at a split: the unadjusted bars ignore splits,
+and an :class:`Adjustment` scales each bar as a whole by the splits after the last
+session of its bucket (a bucket straddling an execution date is served unscaled).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from polygon_backfill.models import AssetClass, Timespan, asset_class, home_zone
 from polygon_backfill.sandbox.buckets import (
     INTRADAY_MS,
     MINUTE_MS,
+    Adjustment,
     Bar,
     bucket_days,
+    bucket_last_ms,
     daily_bucket,
     local_midnight_ms,
 )
@@ -74,14 +80,20 @@ class SyntheticSource:
         self.start_ms = local_midnight_ms(start, ZoneInfo("UTC"))
 
     def select(self, ticker: str, multiplier: int, timespan: Timespan, lo: int, hi: int,
-               descending: bool) -> Iterator[tuple[Bar, int]]:
-        """Bars with ``lo <= t <= hi`` in order, each with the base aggregates it consumes."""
+               descending: bool, adjustment: Adjustment | None = None,
+               ) -> Iterator[tuple[Bar, int]]:
+        """Bars with ``lo <= t <= hi`` in order, each with the base aggregates it consumes;
+        split-adjusted by ``adjustment`` when given."""
         keys = _INDEX_KEYS if asset_class(ticker) is AssetClass.INDEX else _KEYS
-        for values, count in self._values(ticker, multiplier, timespan, lo, hi, descending):
+        found = self._values(ticker, multiplier, timespan, lo, hi, descending)
+        if adjustment is not None:
+            found = _adjusted(found, ticker, multiplier, timespan, adjustment)
+        for values, count in found:
             yield dict(zip(keys, values, strict=True)), count
 
     def select_json(self, ticker: str, multiplier: int, timespan: Timespan, lo: int,
-                    hi: int) -> tuple[list[int], list[int], list[str]]:
+                    hi: int, adjustment: Adjustment | None = None,
+                    ) -> tuple[list[int], list[int], list[str]]:
         """The same bars ascending as ``t``, counts and compact JSON text (what
         ``json.dumps`` makes of the bar: ``%r`` of a float is its repr, as there)."""
         index = asset_class(ticker) is AssetClass.INDEX
@@ -89,7 +101,10 @@ class SyntheticSource:
         ts: list[int] = []
         counts: list[int] = []
         texts: list[str] = []
-        for values, count in self._values(ticker, multiplier, timespan, lo, hi, False):
+        found = self._values(ticker, multiplier, timespan, lo, hi, False)
+        if adjustment is not None:
+            found = _adjusted(found, ticker, multiplier, timespan, adjustment)
+        for values, count in found:
             ts.append(int(values[at]))
             counts.append(count)
             texts.append(template % values)
@@ -143,6 +158,27 @@ class SyntheticSource:
                 first_day = first_day - step if descending else first_day + step
             except OverflowError:  # walked off the calendar (year 1 or 9999)
                 return
+
+
+def _adjusted(found: Iterator[tuple[Values, int]], ticker: str, multiplier: int,
+              timespan: Timespan, adjustment: Adjustment) -> Iterator[tuple[Values, int]]:
+    """Each bar scaled by the splits after its bucket: prices (and vw) by the price
+    factor, volume by the volume factor; ``t`` and ``n`` kept."""
+    index = asset_class(ticker) is AssetClass.INDEX
+    last = len(adjustment.bounds)
+    for values, count in found:
+        t = int(values[-1] if index else values[-2])
+        k = adjustment.index(bucket_last_ms(ticker, multiplier, timespan, t))
+        if k == last:
+            yield values, count
+            continue
+        p = adjustment.prices[k]
+        if index:
+            o, c, h, lo, t_ = values
+            yield (o * p, c * p, h * p, lo * p, t_), count
+        else:
+            v, vw, o, c, h, lo, t_, n = values
+            yield (v * adjustment.volumes[k], vw * p, o * p, c * p, h * p, lo * p, t_, n), count
 
 
 def _ms_date(ms: int, zone: ZoneInfo) -> date:

@@ -12,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import asyncpg
 
 from polygon_backfill.errors import StorageError
 from polygon_backfill.models import (
     Bar,
+    Split,
     Timeframe,
     TimeRange,
     merge_ranges,
@@ -32,6 +34,9 @@ from polygon_backfill.models import (
 )
 from polygon_backfill.storage._errors import DATABASE_ERRORS, storage_error, storage_errors
 from polygon_backfill.storage.schema import migrate
+
+if TYPE_CHECKING:
+    from polygon_backfill.coverage import Period
 
 _CLOSE_TIMEOUT_S: Final = 10.0
 _COMMAND_TIMEOUT_S: Final = 300.0
@@ -115,6 +120,32 @@ WHERE ticker = $1 AND timeframe = $2 AND range_end > range_start
 ORDER BY range_start, range_end
 """
 
+# A session with bars is no longer verified empty; one without, inside a fetched range, is.
+_CLEAR_EMPTY_SESSIONS: Final = """
+DELETE FROM empty_sessions WHERE ticker = $1 AND timeframe = $2 AND session_date = ANY($3)
+"""
+_MARK_EMPTY_SESSIONS: Final = """
+INSERT INTO empty_sessions (ticker, timeframe, session_date)
+SELECT $1, $2, day FROM unnest($3::date[]) AS day
+ON CONFLICT (ticker, timeframe, session_date) DO UPDATE SET verified_at = now()
+"""
+
+# One index probe per session (not a scan of every bar): which of them hold a bar.
+_SESSIONS_WITH_BARS: Final = """
+SELECT s.day FROM unnest($3::date[], $4::timestamptz[], $5::timestamptz[]) AS s(day, lo, hi)
+WHERE EXISTS (SELECT 1 FROM bars AS b WHERE b.ticker = $1 AND b.timeframe = $2
+              AND b.bar_time >= s.lo AND b.bar_time < s.hi)
+"""
+_SELECT_EMPTY_SESSIONS: Final = """
+SELECT session_date FROM empty_sessions
+WHERE ticker = $1 AND timeframe = $2 AND session_date BETWEEN $3 AND $4
+"""
+
+_UPSERT_SPLITS: Final = """
+INSERT INTO split_lists (ticker, splits, checked_at) VALUES ($1, $2::jsonb, $3)
+ON CONFLICT (ticker) DO UPDATE SET splits = EXCLUDED.splits, checked_at = EXCLUDED.checked_at
+"""
+
 _UPSERT_RESULT: Final = """
 INSERT INTO pair_status (ticker, timeframe, last_run_at, last_result, last_message, last_error)
 VALUES ($1, $2, $3, $4, $5, $6)
@@ -159,7 +190,7 @@ SELECT count(*) FROM (
 
 _SELECT_BARS: Final = """
 SELECT bar_time, open, high, low, close, volume, vwap, trades FROM bars
-WHERE ticker = $1 AND timeframe = $2 ORDER BY bar_time
+WHERE ticker = $1 AND timeframe = $2 AND bar_time >= $3 AND bar_time < $4 ORDER BY bar_time
 """
 
 
@@ -222,6 +253,7 @@ _PG_EPOCH_MS: Final = 946_684_800_000
 _PG_EPOCH_DAY: Final = date(2000, 1, 1).toordinal()
 _UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
+_EVER: Final = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,12 +368,15 @@ class BarStore:
             self._pool.terminate()
 
     async def write_page(self, ticker: str, timeframe: Timeframe, bars: Sequence[Bar],
-                         covered: TimeRange) -> WriteResult:
+                         covered: TimeRange, *, filled: Sequence[date] = (),
+                         empty: Sequence[date] = ()) -> WriteResult:
         """Upsert one fetched page and record ``covered`` as fetched, all or nothing.
 
         An empty ``bars`` still records ``covered``: a verified-empty range is not a hole.
         A zero-length ``covered`` records nothing. Coverage rows lying inside ``covered``
-        are replaced by it.
+        are replaced by it. ``filled`` and ``empty`` are the sessions the page vouches for
+        with and without bars (``coverage.vouched_sessions``): the empty ones are marked
+        verified, the filled ones lose any such mark.
         """
         tf = timeframe.name
         try:
@@ -354,12 +389,12 @@ class BarStore:
             async with self._pool.acquire() as conn:
                 try:
                     inserted, updated = await self._write(conn, ticker, tf, page, covered,
-                                                          fast=True)
+                                                          (filled, empty), fast=True)
                 except asyncpg.UniqueViolationError:
                     # Another writer stored a key of this range after our probe (only the
                     # fast path's plain COPY can collide): redo the page as a merge.
                     inserted, updated = await self._write(conn, ticker, tf, page, covered,
-                                                          fast=False)
+                                                          (filled, empty), fast=False)
         except DATABASE_ERRORS as exc:
             raise storage_error(f"writing {page.count} {tf} bars for {ticker}", exc) from exc
         return WriteResult(inserted=inserted, updated=updated,
@@ -368,9 +403,11 @@ class BarStore:
 
     @staticmethod
     async def _write(conn: asyncpg.Connection, ticker: str, tf: str, page: _EncodedPage,
-                     covered: TimeRange, *, fast: bool) -> tuple[int, int]:
+                     covered: TimeRange, sessions: tuple[Sequence[date], Sequence[date]], *,
+                     fast: bool) -> tuple[int, int]:
         """One transaction: the bars (COPY when ``fast`` and the range holds none yet, else
-        staging and merge) and the coverage row. Returns (inserted, updated)."""
+        staging and merge), the coverage row and the session marks. Returns (inserted,
+        updated)."""
         inserted = updated = 0
         async with conn.transaction():
             if page.count:
@@ -389,6 +426,11 @@ class BarStore:
             if not covered.empty:
                 await conn.execute(_RECORD_COVERAGE, ticker, tf, covered.start, covered.end,
                                    page.count)
+                filled, empty = sessions
+                if filled:
+                    await conn.execute(_CLEAR_EMPTY_SESSIONS, ticker, tf, list(filled))
+                if empty:
+                    await conn.execute(_MARK_EMPTY_SESSIONS, ticker, tf, list(empty))
         return inserted, updated
 
     async def coverage(self, ticker: str, timeframe: Timeframe) -> list[TimeRange]:
@@ -396,6 +438,59 @@ class BarStore:
         with storage_errors(f"reading coverage of {ticker} {timeframe}"):
             rows = await self._pool.fetch(_SELECT_COVERAGE, ticker, timeframe.name)
         return merge_ranges(TimeRange(row["range_start"], row["range_end"]) for row in rows)
+
+    async def session_marks(self, ticker: str, timeframe: Timeframe,
+                            periods: Sequence[Period]) -> tuple[set[date], set[date]]:
+        """Of ``periods``, the session dates holding a bar and those verified empty."""
+        if not periods:
+            return set(), set()
+        tf = timeframe.name
+        with storage_errors(f"reading the sessions of {ticker} {timeframe}"):
+            async with self._pool.acquire() as conn:
+                held = await conn.fetch(
+                    _SESSIONS_WITH_BARS, ticker, tf, [period.day for period in periods],
+                    [period.keys.start for period in periods],
+                    [period.keys.end for period in periods])
+                empty = await conn.fetch(_SELECT_EMPTY_SESSIONS, ticker, tf,
+                                         periods[0].day, periods[-1].day)
+        return {row["day"] for row in held}, {row["session_date"] for row in empty}
+
+    async def recorded_splits(self, ticker: str) -> list[Split] | None:
+        """The ticker's splits as last checked, or None when never checked."""
+        with storage_errors(f"reading the splits of {ticker}"):
+            raw = await self._pool.fetchval(
+                "SELECT splits::text FROM split_lists WHERE ticker = $1", ticker)
+        if raw is None:
+            return None
+        return [Split(date.fromisoformat(day), float(from_), float(to))
+                for day, from_, to in json.loads(raw)]
+
+    async def save_splits(self, ticker: str, splits: Sequence[Split], at: datetime, *,
+                          refetch_history: bool) -> None:
+        """Remember ``splits``; with ``refetch_history``, forget every fetched range of the
+        ticker in the same transaction, so the next plan asks for its whole history again
+        (the stored bars stay until their re-fetched values replace them)."""
+        payload = json.dumps([[split.execution_date.isoformat(), split.split_from,
+                               split.split_to] for split in splits])
+        with storage_errors(f"recording the splits of {ticker}"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(_UPSERT_SPLITS, ticker, payload, at)
+                if refetch_history:
+                    await conn.execute("DELETE FROM coverage WHERE ticker = $1", ticker)
+                    await conn.execute("DELETE FROM empty_sessions WHERE ticker = $1", ticker)
+
+    async def has_coverage(self, ticker: str) -> bool:
+        """Whether anything of ``ticker`` was fetched yet (any timeframe)."""
+        with storage_errors(f"reading coverage of {ticker}"):
+            return bool(await self._pool.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM coverage WHERE ticker = $1)", ticker))
+
+    async def oldest_write(self, ticker: str) -> datetime | None:
+        """When the least recently written stored bar of ``ticker`` was written: a split
+        after it may have left that bar's adjusted values stale."""
+        with storage_errors(f"reading bars of {ticker}"):
+            return await self._pool.fetchval(
+                "SELECT min(updated_at) FROM bars WHERE ticker = $1", ticker)
 
     async def record_result(self, ticker: str, timeframe: Timeframe, *, ok: bool,
                             message: str, at: datetime) -> None:
@@ -411,10 +506,12 @@ class BarStore:
             rows = await self._pool.fetch(_SELECT_STATUS)
         return [PairStatus(**dict(row)) for row in rows]
 
-    async def fetch_bars(self, ticker: str, timeframe: Timeframe) -> list[StoredBar]:
-        """All stored bars of a pair in time order (for checks, exports and tests)."""
+    async def fetch_bars(self, ticker: str, timeframe: Timeframe, start: datetime = _EVER[0],
+                         end: datetime = _EVER[1]) -> list[StoredBar]:
+        """Stored bars of a pair with keys in ``[start, end)`` (all by default), in time
+        order (for ``verify``, exports and tests)."""
         with storage_errors(f"reading bars of {ticker} {timeframe}"):
-            rows = await self._pool.fetch(_SELECT_BARS, ticker, timeframe.name)
+            rows = await self._pool.fetch(_SELECT_BARS, ticker, timeframe.name, start, end)
         return [StoredBar(*row) for row in rows]
 
     @asynccontextmanager

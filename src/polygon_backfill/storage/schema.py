@@ -14,6 +14,10 @@ keeps the primary-key B-tree fast whatever the server's locale):
 - ``pair_status``: the outcome of the last run per (ticker, timeframe), for ``status``.
 - ``service_state``: process-wide states worth showing in ``status`` (the API circuit
   breaker), with the last error.
+- ``empty_sessions``: sessions a successful fetch vouched for that held no bar, so that a
+  session without bars is a hole unless it is here (``coverage.py``).
+- ``split_lists``: each stock ticker's splits as last seen, so a changed list (a new or
+  corrected split) triggers a re-fetch of the ticker's adjusted history.
 """
 
 from __future__ import annotations
@@ -96,10 +100,30 @@ CREATE TABLE service_state (
 );
 """
 
+_V3_EMPTY_SESSIONS: Final = """
+CREATE TABLE empty_sessions (
+    ticker       text COLLATE "C" NOT NULL,
+    timeframe    text COLLATE "C" NOT NULL,
+    session_date date NOT NULL,
+    verified_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (ticker, timeframe, session_date)
+);
+"""
+
+_V4_SPLIT_LISTS: Final = """
+CREATE TABLE split_lists (
+    ticker     text COLLATE "C" PRIMARY KEY,
+    splits     jsonb NOT NULL,
+    checked_at timestamptz NOT NULL
+);
+"""
+
 # (version, name, sql); append only.
 MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (1, "initial bars, coverage and pair_status", _V1_INITIAL),
     (2, "service_state", _V2_SERVICE_STATE),
+    (3, "empty_sessions", _V3_EMPTY_SESSIONS),
+    (4, "split_lists", _V4_SPLIT_LISTS),
 )
 
 
