@@ -43,6 +43,7 @@ from polygon_backfill.grouped import GroupedDailyBackfill, merge_results, plan_g
 from polygon_backfill.models import Timeframe, TimeRange
 from polygon_backfill.pipeline import PipelinedBackfill
 from polygon_backfill.planner import SymbolWork, missing_ranges
+from polygon_backfill.sessions import load_calendar
 from polygon_backfill.splits import refresh_splits
 from polygon_backfill.storage import BarStore, WriteResult, open_database
 from polygon_backfill.summary import BackfillSummary, PairOutcome, TickerResult
@@ -122,7 +123,15 @@ class AutoBackfillScheduler:
         return self._store
 
     async def start(self) -> None:
-        """Connect to PostgreSQL (starting the embedded one when no URL is set) and migrate."""
+        """Connect to PostgreSQL (starting the embedded one when no URL is set) and migrate;
+        read the exchange calendar meanwhile, off the event loop (about a second, once)."""
+        calendar = asyncio.ensure_future(asyncio.to_thread(load_calendar))
+        try:
+            await self._connect()
+        finally:
+            await calendar
+
+    async def _connect(self) -> None:
         if self._store is None:
             url = self.settings.database_url
             self._store = await self._exit_stack.enter_async_context(open_database(

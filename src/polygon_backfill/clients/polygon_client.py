@@ -50,6 +50,7 @@ from polygon_backfill.clients.responses import (
     ReadBars,
     SplitsPage,
     parse_aggregates,
+    parse_aggregates_fast,
     parse_grouped_daily,
     parse_splits,
     read_status,
@@ -583,6 +584,9 @@ class PolygonClient:
                 code, PolygonClientError)
             raise kind("request refused", server_message=self._error_text(response),
                        **context)
+        fast = _FAST_PARSERS.get(parse)
+        if fast is not None and (answer := fast(response.content)) is not None:
+            return answer  # type: ignore[no-any-return]
         try:
             payload = from_json(response.content, allow_inf_nan=True)
         except ValueError:
@@ -620,6 +624,11 @@ class PolygonClient:
     def _redact(self, text: str) -> str:
         """Keep the key out of messages even if a server or proxy echoes it."""
         return text.replace(self._api_key, "***") if self._api_key else text
+
+
+# Bodies a parser can read straight from bytes in the common case (None: read carefully).
+_FAST_PARSERS: dict[Callable[[object], Any], Callable[[bytes], Any]] = {
+    parse_aggregates: parse_aggregates_fast}
 
 
 def _read_grouped(payload: object) -> _Grouped:
