@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from enum import StrEnum
+from operator import attrgetter
 
 from polygon_backfill.models import (
     Bar,
@@ -25,11 +26,13 @@ from polygon_backfill.models import (
     Timespan,
     datetime_to_ms,
     home_zone,
+    in_time_order,
     session_start,
 )
 from polygon_backfill.sessions import session_dates, trading_hours
 
 _ONE_MS = timedelta(milliseconds=1)
+_time_of = attrgetter("t")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,15 +142,15 @@ def vouched_sessions(ticker: str, timeframe: Timeframe, bars: Sequence[Bar],
     zone = home_zone(ticker)
     first = (covered.start.astimezone(zone) - timedelta(days=7)).date()
     last = covered.end.astimezone(zone).date()
-    times = sorted(bar.t for bar in bars)
+    ordered = in_time_order(bars)
     filled: list[date] = []
     empty: list[date] = []
     for period in periods_between(ticker, timeframe, first, last):
         if not (covered.start <= period.needs.start and period.needs.end <= covered.end):
             continue
         lo = datetime_to_ms(period.keys.start)
-        index = bisect_left(times, lo)
-        held = index < len(times) and times[index] < datetime_to_ms(period.keys.end)
+        index = bisect_left(ordered, lo, key=_time_of)
+        held = index < len(ordered) and ordered[index].t < datetime_to_ms(period.keys.end)
         (filled if held else empty).append(period.day)
     return filled, empty
 

@@ -29,7 +29,7 @@ from pydantic_core import SchemaValidator
 from pydantic_core import core_schema as cs
 
 from polygon_backfill.errors import MalformedResponseError
-from polygon_backfill.models import Bar, Split
+from polygon_backfill.models import Bar, Split, in_time_order
 
 SUCCESS_STATUSES = frozenset({"OK", "DELAYED"})
 NOT_AUTHORIZED = "NOT_AUTHORIZED"
@@ -257,6 +257,10 @@ def bar_problem(bar: Bar) -> str | None:
 
 def select_bars(read: ReadBars, in_range: Callable[[int], bool]) -> Selection:
     """Keep sound in-range bars, one per ``t`` (the last one wins), sorted by ``t``."""
+    bars = read.bars
+    if (not read.unsound and bars and in_range(bars[0].t) and in_range(bars[-1].t)
+            and in_time_order(bars) is bars):  # the usual page: nothing to drop or sort
+        return Selection(bars, 0, None)
     kept: dict[int, Bar] = {}
     rejected = 0
     first_reason: str | None = None

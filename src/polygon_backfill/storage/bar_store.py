@@ -28,6 +28,7 @@ from polygon_backfill.models import (
     Split,
     Timeframe,
     TimeRange,
+    in_time_order,
     merge_ranges,
     session_date,
     session_start,
@@ -313,20 +314,18 @@ def _encode_page(ticker: str, timeframe: Timeframe, bars: Sequence[Bar]) -> _Enc
                              day.toordinal() - _PG_EPOCH_DAY, by_day[day]))
         first, last = (starts[0], starts[-1]) if starts else (_PG_EPOCH, _PG_EPOCH)
     else:
-        by_ms = {bar.t: bar for bar in bars}
-        keys = sorted(by_ms)
+        ordered = in_time_order(bars)
         pack = _row_format(head[1], head[3], (False, True, True, True)).pack
-        for t in keys:
-            bar = by_ms[t]
-            us = (t - _PG_EPOCH_MS) * 1000
+        for bar in ordered:
+            us = (bar.t - _PG_EPOCH_MS) * 1000
             if bar.volume is None or bar.vwap is None or bar.trades is None:
                 append(_pack_row(head, us, None, bar))
                 continue
             append(pack(*head, 8, us, -1, 8, bar.open, 8, bar.high, 8, bar.low,
                         8, bar.close, 8, bar.volume, 8, bar.vwap, 8, bar.trades))
-        first, last = ((_UNIX_EPOCH + timedelta(milliseconds=keys[0]),
-                        _UNIX_EPOCH + timedelta(milliseconds=keys[-1]))
-                       if keys else (_PG_EPOCH, _PG_EPOCH))
+        first, last = ((_UNIX_EPOCH + timedelta(milliseconds=ordered[0].t),
+                        _UNIX_EPOCH + timedelta(milliseconds=ordered[-1].t))
+                       if ordered else (_PG_EPOCH, _PG_EPOCH))
     append(_COPY_TRAILER)
     return _EncodedPage(memoryview(b"".join(out)), len(out) - 2, first, last)
 
