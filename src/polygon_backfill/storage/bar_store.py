@@ -343,7 +343,12 @@ class BarStore:
             pool = await asyncpg.create_pool(
                 dsn, min_size=min_size, max_size=max_size,
                 # Short OLTP statements only: JIT compilation would cost more than it saves.
-                server_settings={"application_name": "polygon-backfill", "jit": "off"},
+                # Commits do not wait for the WAL flush: a server crash can forget the last
+                # few hundred milliseconds of pages, but each page and its coverage row share
+                # one transaction, so what is forgotten is forgotten whole (never corrupt)
+                # and the next run fetches it again. Writers stop idling on the disk.
+                server_settings={"application_name": "polygon-backfill", "jit": "off",
+                                 "synchronous_commit": "off"},
                 # A statement hung on a dead server must fail (and be retried), not hold the
                 # pass forever.
                 command_timeout=_COMMAND_TIMEOUT_S)
