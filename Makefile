@@ -16,10 +16,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## The main job once on the embedded default: embedded PostgreSQL under ./data, the local
-## sandbox API, the default tickers and timeframes; then the status table.
+## sandbox API, the default tickers and timeframes; then the status table, the holes left
+## (none) and the coverage heatmap in reports/.
 demo: $(STAMP)
 	$(BIN)/polygon-backfill once --with-sandbox
 	$(BIN)/polygon-backfill status
+	$(BIN)/polygon-backfill gaps
+	$(BIN)/polygon-backfill report
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -166,3 +166,15 @@ def test_gaps_report_and_verify_on_a_backfilled_table(
     capsys.readouterr()
     assert main(["verify", *universe, "--sample", "8", "--seed", "3"]) == 0
     assert "Verified 8 session(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["status", "gaps", "report"])
+def test_an_unreachable_database_is_one_line_without_the_password(
+        command: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://backfill:hunter2-secret@127.0.0.1:1/bars")
+    assert main([command]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("polygon-backfill: ")
+    assert err.count("\n") == 1
+    assert "hunter2-secret" not in err

@@ -17,6 +17,7 @@ from polygon_backfill.coverage import (
     expected_periods,
     hole_runs,
 )
+from polygon_backfill.errors import AuthenticationError, PolygonError
 from polygon_backfill.models import Timeframe, Timespan, canonical_bar_time
 from polygon_backfill.report import CoverageGrid, CoverageRow
 from polygon_backfill.storage import BarStore, StoredBar
@@ -76,8 +77,8 @@ async def coverage_grid(store: BarStore, settings: Settings, now: datetime) -> C
     """Tickers by day, for ``report``: each configured pair's state on every calendar day
     from the earliest backfill start to the last day whose sessions have closed."""
     pairs = await _pair_states(store, settings, now)
-    starts = [settings.backfill_start_for(ticker, now) for ticker in settings.tickers]
-    first_day = min(starts).date()
+    first_days = [pair.periods[0].day for pair in pairs if pair.periods]
+    first_day = min(first_days) if first_days else now.date()
     last_day = (now - timedelta(days=1)).date()
     days = [first_day + timedelta(days=offset)
             for offset in range((last_day - first_day).days + 1)]
@@ -90,7 +91,7 @@ async def coverage_grid(store: BarStore, settings: Settings, now: datetime) -> C
         rows.append(CoverageRow(f"{pair.ticker} {pair.timeframe}",
                                 [states.get(day, DayState.NO_SESSION) for day in days]))
     return CoverageGrid(first_day=first_day, rows=rows, generated_at=now,
-                        title=f"Coverage of {len(settings.tickers)} ticker(s) × "
+                        title=f"Coverage of {len(settings.tickers)} ticker(s) x "
                               f"{len(settings.timeframes)} timeframe(s), "
                               f"{first_day} to {last_day}")
 
@@ -118,6 +119,7 @@ class Verification:
     sessions: list[tuple[str, str, date]] = field(default_factory=list)
     bars_compared: int = 0
     mismatches: list[Mismatch] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # sessions the API did not answer
 
 
 async def verify_sample(store: BarStore, client: PolygonClient, settings: Settings,
@@ -134,8 +136,14 @@ async def verify_sample(store: BarStore, client: PolygonClient, settings: Settin
         result.sessions.append((pair.ticker, pair.timeframe.name, period.day))
         stored = await store.fetch_bars(pair.ticker, pair.timeframe,
                                         period.keys.start, period.keys.end)
-        fetched = await client.fetch_range(pair.ticker, pair.timeframe,
-                                           period.keys.start, period.keys.end)
+        try:
+            fetched = await client.fetch_range(pair.ticker, pair.timeframe,
+                                               period.keys.start, period.keys.end)
+        except AuthenticationError:
+            raise
+        except PolygonError as exc:  # one session's failure does not end the check
+            result.failed.append(f"{pair.ticker} {pair.timeframe} {period.day}: {exc}")
+            continue
         api = {canonical_bar_time(pair.ticker, pair.timeframe, bar.t): bar for bar in fetched}
         result.bars_compared += len(set(api) | {bar.bar_time for bar in stored})
         result.mismatches += _compare(pair.ticker, pair.timeframe.name, stored, api)

@@ -1,6 +1,7 @@
 """``polygon-backfill gaps | verify | report``: the table's completeness and exactness, shown.
 
-Exit codes: 0 nothing found, 1 holes (``gaps``) or mismatches (``verify``).
+Exit codes: 0 nothing found, 1 holes (``gaps``), mismatches or sessions the API did not
+answer (``verify``).
 """
 
 from __future__ import annotations
@@ -62,9 +63,13 @@ async def verify_command(settings: Settings, console: Console, *, sample: int,
     if len(result.mismatches) > _MISMATCHES_SHOWN:
         console.print(f"... and {len(result.mismatches) - _MISMATCHES_SHOWN} more",
                       highlight=False)
-    console.print(f"Verified {len(result.sessions)} session(s), {result.bars_compared} bar(s): "
-                  f"{len(result.mismatches)} mismatch(es)", highlight=False)
-    return 1 if result.mismatches else 0
+    for failure in result.failed:
+        console.print(f"[yellow]not checked[/] {failure}", highlight=False)
+    console.print(f"Verified {len(result.sessions) - len(result.failed)} session(s), "
+                  f"{result.bars_compared} bar(s): {len(result.mismatches)} mismatch(es)"
+                  + (f", {len(result.failed)} session(s) not answered" if result.failed else ""),
+                  highlight=False)
+    return 1 if result.mismatches or result.failed else 0
 
 
 async def report_command(settings: Settings, console: Console, *, out_dir: Path) -> int:

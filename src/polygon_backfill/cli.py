@@ -22,7 +22,7 @@ from rich.table import Table
 from polygon_backfill.audit_commands import gaps_command, report_command, verify_command
 from polygon_backfill.clock import ScaledClock
 from polygon_backfill.config import DEFAULT_BASE_URL, Settings, load_settings
-from polygon_backfill.errors import AuthenticationError, ConfigError
+from polygon_backfill.errors import AuthenticationError, ConfigError, StorageError
 from polygon_backfill.logging import configure_logging
 from polygon_backfill.sandbox import SandboxConfig, SandboxServer, parse_faults, run_sandbox
 from polygon_backfill.scheduler import AutoBackfillScheduler
@@ -247,6 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"polygon-backfill: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    except AuthenticationError as exc:  # verify; once and run report it themselves
+        print(f"polygon-backfill: API key rejected: {exc}", file=sys.stderr)
+        return 3
+    except StorageError as exc:  # PostgreSQL unreachable or refusing: one line, no trace
+        print(f"polygon-backfill: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
