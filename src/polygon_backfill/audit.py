@@ -45,6 +45,7 @@ class _PairState:
     timeframe: Timeframe
     periods: list[Period]
     states: dict[date, DayState]
+    with_bars: set[date]
 
 
 async def _pair_state(store: BarStore, ticker: str, timeframe: Timeframe, start: datetime,
@@ -54,7 +55,7 @@ async def _pair_state(store: BarStore, ticker: str, timeframe: Timeframe, start:
     with_bars, verified_empty = await store.session_marks(ticker, timeframe, periods)
     states = {period.day: day_state(period, coverage, with_bars, verified_empty)
               for period in periods}
-    return _PairState(ticker, timeframe, periods, states)
+    return _PairState(ticker, timeframe, periods, states, with_bars)
 
 
 async def _pair_states(store: BarStore, settings: Settings, now: datetime) -> list[_PairState]:
@@ -125,10 +126,12 @@ class Verification:
 async def verify_sample(store: BarStore, client: PolygonClient, settings: Settings,
                         now: datetime, sample: int, rng: random.Random) -> Verification:
     """Fetch ``sample`` stored sessions again, drawn at random among every configured
-    pair's complete sessions, and compare them bar by bar and value by value."""
+    pair's complete sessions that hold bars, and compare them bar by bar and value by
+    value."""
     candidates = [(pair, period) for pair in await _pair_states(store, settings, now)
                   for period in pair.periods
-                  if pair.states[period.day] is DayState.COMPLETE]
+                  if pair.states[period.day] is DayState.COMPLETE
+                  and period.day in pair.with_bars]
     chosen = rng.sample(candidates, min(sample, len(candidates)))
     chosen.sort(key=lambda item: (item[0].ticker, item[0].timeframe.name, item[1].day))
     result = Verification()
