@@ -9,8 +9,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -121,3 +121,24 @@ async def table_mismatches(store: BarStore, tickers: Sequence[str], timeframes: 
                 stored += len(rows)
                 mismatched += len(expected ^ got) + (len(rows) - len(got))
     return stored, mismatched
+
+
+@contextmanager
+def before_each_write(store: BarStore,
+                      hook: Callable[[int], Awaitable[None]]) -> Iterator[list[int]]:
+    """Await ``hook(n)`` before the store's n-th page write (n from 1): how a test or the
+    soak stops, cancels or breaks a run at a chosen page. Yields the live count; restores
+    the store on exit. Every write, encoded before or not, goes through ``write_ready``."""
+    original = store.write_ready
+    count = [0]
+
+    async def write_ready(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        await hook(count[0])
+        return await original(*args, **kwargs)
+
+    store.write_ready = write_ready  # type: ignore[method-assign]
+    try:
+        yield count
+    finally:
+        store.write_ready = original  # type: ignore[method-assign]

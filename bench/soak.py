@@ -19,11 +19,10 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from structlog.testing import capture_logs
 
-from bench.harness import table_mismatches
+from bench.harness import before_each_write, table_mismatches
 from polygon_backfill.clock import ScaledClock
 from polygon_backfill.logging import configure_logging
 from polygon_backfill.sandbox import FaultKind, FaultRule, SandboxConfig, SandboxServer
@@ -81,17 +80,11 @@ async def soak(folder: Path, *, tickers: list[str], days: int, fault_rate: float
     server = EmbeddedPostgres(folder / "pg")
     store = await BarStore.connect(await asyncio.to_thread(server.start))
     first_writes = asyncio.Event()
-    original = store.write_page
-    written = 0
 
-    async def counting_write(*args: Any, **kwargs: Any) -> Any:
-        nonlocal written
-        written += 1
-        if written == 10:
+    async def tenth_write(count: int) -> None:
+        if count == 10:
             first_writes.set()
-        return await original(*args, **kwargs)
 
-    store.write_page = counting_write  # type: ignore[method-assign]
     clock = ScaledClock(time_scale, start=NOW)
     sandbox = SandboxConfig(now=lambda: NOW, faults=faults, fault_seed=2026)
     try:
@@ -104,14 +97,13 @@ async def soak(folder: Path, *, tickers: list[str], days: int, fault_rate: float
                 circuit_failure_threshold=50, db_retry_attempts=12)
             restart = asyncio.ensure_future(_restart_after(server, first_writes, down_s))
             started = time.perf_counter()
-            with capture_logs() as logs:
+            with capture_logs() as logs, before_each_write(store, tenth_write):
                 summary = await scheduler.run_once()
             wall = time.perf_counter() - started
             await scheduler.polygon_client.aclose()
             restarts = await restart if restart.done() else 0
             restart.cancel()
             injected = dict(api.faults_injected)
-        store.write_page = original  # type: ignore[method-assign]
         rows, wrong = await table_mismatches(store, tickers, TIMEFRAMES,
                                              NOW - timedelta(days=days), NOW)
         duplicates = await store.duplicate_keys()

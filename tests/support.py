@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from bench.harness import before_each_write
 from polygon_backfill.sandbox import FaultRule, SandboxConfig, SandboxServer
-from polygon_backfill.storage import BarStore
+
+__all__ = [
+    "FIXTURES",
+    "REAL_DATA",
+    "FakeClock",
+    "RecordingSleep",
+    "SandboxFactory",
+    "before_each_write",
+    "sandboxes",
+]
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL_DATA = SHARED / "data" / "real"
@@ -50,26 +60,6 @@ class RecordingSleep:
 
     async def __call__(self, seconds: float) -> None:
         self.waits.append(seconds)
-
-
-@contextmanager
-def before_each_write(store: BarStore,
-                      hook: Callable[[int], Awaitable[None]]) -> Iterator[list[int]]:
-    """Await ``hook(n)`` before the store's n-th ``write_page`` (n from 1): how a test stops,
-    cancels or breaks a run at a chosen page. Yields the live count; restores on exit."""
-    original = store.write_page
-    count = [0]
-
-    async def write_page(*args: Any, **kwargs: Any) -> Any:
-        count[0] += 1
-        await hook(count[0])
-        return await original(*args, **kwargs)
-
-    store.write_page = write_page  # type: ignore[method-assign]
-    try:
-        yield count
-    finally:
-        store.write_page = original  # type: ignore[method-assign]
 
 
 SandboxFactory = Callable[..., Awaitable[SandboxServer]]

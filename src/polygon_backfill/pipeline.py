@@ -39,6 +39,7 @@ from polygon_backfill.summary import (
     FinishPair,
     NoteFailure,
     PairOutcome,
+    PreparePage,
     TickerResult,
     WritePage,
 )
@@ -78,11 +79,13 @@ _END = object()
 class PipelinedBackfill:
     """One pass in the best mode; ``run`` returns per-ticker results like the other modes."""
 
-    def __init__(self, *, fetch: FetchPages, write: WritePage, note_failure: NoteFailure,
+    def __init__(self, *, fetch: FetchPages, prepare: PreparePage, write: WritePage,
+                 note_failure: NoteFailure,
                  finish_pair: FinishPair, stop: asyncio.Event, clock: Clock,
                  max_in_flight: int, queued_pages: int, group_size: int,
                  page_limit: int, writers: int = 2) -> None:
         self._fetch = fetch
+        self._prepare = prepare
         self._write = write
         self._note_failure = note_failure
         self._finish_pair = finish_pair
@@ -157,7 +160,9 @@ class PipelinedBackfill:
                                     piece.span.end)
                 async with aclosing(pages):
                     async for page in pages:
-                        await queue.put((piece, page))
+                        # Encoded now: a page waiting for its writer holds bytes, not bars.
+                        await queue.put((piece, self._prepare(piece.ticker, piece.timeframe,
+                                                              page)))
                         if self._stop.is_set():
                             error = RuntimeError("stopped before completion")
                             break

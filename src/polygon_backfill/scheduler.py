@@ -45,7 +45,13 @@ from polygon_backfill.pipeline import PipelinedBackfill
 from polygon_backfill.planner import SymbolWork, missing_ranges
 from polygon_backfill.sessions import load_calendar
 from polygon_backfill.splits import refresh_splits
-from polygon_backfill.storage import BarStore, WriteResult, open_database
+from polygon_backfill.storage import (
+    BarStore,
+    ReadyPage,
+    WriteResult,
+    encode_page,
+    open_database,
+)
 from polygon_backfill.summary import BackfillSummary, PairOutcome, TickerResult
 
 log = structlog.get_logger(__name__)
@@ -368,7 +374,7 @@ class AutoBackfillScheduler:
     ) -> dict[str, TickerResult]:
         """The best mode (``pipeline.py``): fetchers paced by the rate limiter, one writer."""
         pipeline = PipelinedBackfill(
-            fetch=self.polygon_client.iter_pages, write=self._write,
+            fetch=self.polygon_client.iter_pages, prepare=self._prepare, write=self._write,
             note_failure=self._note_failure, finish_pair=self._finish_pair,
             stop=self._stop_requested, clock=self.clock,
             max_in_flight=self.settings.max_in_flight_requests,
@@ -464,11 +470,20 @@ class AutoBackfillScheduler:
         if self.progress is not None:
             self.progress.pair_done(outcome)
 
-    async def _write(self, ticker: str, timeframe: Timeframe, page: Page) -> WriteResult:
+    @staticmethod
+    def _prepare(ticker: str, timeframe: Timeframe, page: Page) -> ReadyPage:
+        """Encode a fetched page and mark the sessions it vouches for; its bar objects
+        can go (the pipeline does this as pages arrive, before they queue for a writer)."""
+        filled, empty = vouched_sessions(ticker, timeframe, page.bars, page.covered)
+        return ReadyPage(encode_page(ticker, timeframe, page.bars), page.covered, filled,
+                         empty, page.rejected)
+
+    async def _write(self, ticker: str, timeframe: Timeframe,
+                     page: Page | ReadyPage) -> WriteResult:
         """Write one page and its coverage, retrying while PostgreSQL is unreachable or
         restarting (the page is kept in memory meanwhile). Shielded, so a shutdown never
         cuts a write in half; coverage is only recorded with the committed bars."""
-        filled, empty = vouched_sessions(ticker, timeframe, page.bars, page.covered)
+        ready = page if isinstance(page, ReadyPage) else self._prepare(ticker, timeframe, page)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(StorageUnavailableError),
             stop=stop_after_attempt(self.settings.db_retry_attempts),
@@ -476,13 +491,12 @@ class AutoBackfillScheduler:
             sleep=self.clock.sleep, before_sleep=_log_db_retry, reraise=True)
         async for attempt in retrying:
             with attempt:
-                task = asyncio.ensure_future(self.store.write_page(
-                    ticker, timeframe, page.bars, page.covered, filled=filled, empty=empty))
+                task = asyncio.ensure_future(self.store.write_ready(ticker, timeframe, ready))
                 self._pending_writes.add(task)
                 task.add_done_callback(self._pending_writes.discard)
                 result: WriteResult = await asyncio.shield(task)
         log.debug("backfill.page_written", ticker=ticker, timeframe=timeframe.name,
-                  bars=len(page.bars), inserted=result.inserted, updated=result.updated)
+                  bars=ready.encoded.count, inserted=result.inserted, updated=result.updated)
         return result
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from polygon_backfill.clients import Page
     from polygon_backfill.models import Timeframe
-    from polygon_backfill.storage import WriteResult
+    from polygon_backfill.storage import ReadyPage, WriteResult
 
 
 @dataclass(slots=True)
@@ -94,6 +94,7 @@ class BackfillSummary:
 
 
 # How the scheduler's steps hand work back to it (pipeline.py, grouped.py).
-WritePage = Callable[[str, "Timeframe", "Page"], Awaitable["WriteResult"]]
+WritePage = Callable[[str, "Timeframe", "Page | ReadyPage"], Awaitable["WriteResult"]]
+PreparePage = Callable[[str, "Timeframe", "Page"], "ReadyPage"]
 NoteFailure = Callable[[str, "Timeframe", PairOutcome, Exception], None]
 FinishPair = Callable[[str, "Timeframe", PairOutcome], Awaitable[None]]

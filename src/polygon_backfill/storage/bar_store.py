@@ -258,13 +258,28 @@ _EVER: Final = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UT
 
 
 @dataclass(frozen=True, slots=True)
-class _EncodedPage:
-    """A deduplicated page as binary COPY data, with its row count and key range."""
+class EncodedPage:
+    """A deduplicated page as binary COPY data, with its row count, key range and the
+    duplicates dropped. About a third of the memory of its bars, which can then be freed
+    while the page waits for a writer."""
 
     payload: memoryview  # not bytes: asyncpg would take bytes for a file name
     count: int
     first: datetime
     last: datetime
+    duplicates: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyPage:
+    """A fetched page made ready to write: its bars encoded, the span it vouches for, the
+    sessions it vouches for with and without bars, and the bars the client dropped."""
+
+    encoded: EncodedPage
+    covered: TimeRange
+    filled: Sequence[date]
+    empty: Sequence[date]
+    rejected: int
 
 
 @functools.lru_cache(maxsize=256)
@@ -293,7 +308,17 @@ def _pack_row(head: tuple[int, int, bytes, int, bytes], bar_time_us: int, day: i
     return layout.pack(*args)
 
 
-def _encode_page(ticker: str, timeframe: Timeframe, bars: Sequence[Bar]) -> _EncodedPage:
+def encode_page(ticker: str, timeframe: Timeframe, bars: Sequence[Bar]) -> EncodedPage:
+    """:func:`_encode_page`, with a value no column can hold raised as a StorageError (as
+    asyncpg would refuse it)."""
+    try:
+        return _encode_page(ticker, timeframe, bars)
+    except (struct.error, OverflowError, TypeError) as exc:
+        raise StorageError(f"writing {len(bars)} {timeframe.name} bars for {ticker} failed: "
+                           f"a value PostgreSQL cannot store: {exc}") from exc
+
+
+def _encode_page(ticker: str, timeframe: Timeframe, bars: Sequence[Bar]) -> EncodedPage:
     """Deduplicate (a later bar replaces an earlier one with the same canonical time) and
     encode in key order, so that concurrent writers lock keys in the same order.
 
@@ -327,7 +352,8 @@ def _encode_page(ticker: str, timeframe: Timeframe, bars: Sequence[Bar]) -> _Enc
                         _UNIX_EPOCH + timedelta(milliseconds=ordered[-1].t))
                        if ordered else (_PG_EPOCH, _PG_EPOCH))
     append(_COPY_TRAILER)
-    return _EncodedPage(memoryview(b"".join(out)), len(out) - 2, first, last)
+    count = len(out) - 2
+    return EncodedPage(memoryview(b"".join(out)), count, first, last, len(bars) - count)
 
 
 class BarStore:
@@ -382,31 +408,33 @@ class BarStore:
         with and without bars (``coverage.vouched_sessions``): the empty ones are marked
         verified, the filled ones lose any such mark.
         """
-        tf = timeframe.name
-        try:
-            page = _encode_page(ticker, timeframe, bars)
-        except (struct.error, OverflowError, TypeError) as exc:
-            # asyncpg would refuse these too (a value no column type holds).
-            raise StorageError(f"writing {len(bars)} {tf} bars for {ticker} failed: "
-                               f"a value PostgreSQL cannot store: {exc}") from exc
+        return await self.write_ready(ticker, timeframe, ReadyPage(
+            encode_page(ticker, timeframe, bars), covered, filled, empty, rejected=0))
+
+    async def write_ready(self, ticker: str, timeframe: Timeframe,
+                          ready: ReadyPage) -> WriteResult:
+        """:meth:`write_page` for a page encoded beforehand (the pipeline encodes pages as
+        they arrive, so the ones waiting for a writer hold bytes, not bar objects)."""
+        tf, page, covered = timeframe.name, ready.encoded, ready.covered
+        sessions = (ready.filled, ready.empty)
         try:
             async with self._pool.acquire() as conn:
                 try:
                     inserted, updated = await self._write(conn, ticker, tf, page, covered,
-                                                          (filled, empty), fast=True)
+                                                          sessions, fast=True)
                 except asyncpg.UniqueViolationError:
                     # Another writer stored a key of this range after our probe (only the
                     # fast path's plain COPY can collide): redo the page as a merge.
                     inserted, updated = await self._write(conn, ticker, tf, page, covered,
-                                                          (filled, empty), fast=False)
+                                                          sessions, fast=False)
         except DATABASE_ERRORS as exc:
             raise storage_error(f"writing {page.count} {tf} bars for {ticker}", exc) from exc
         return WriteResult(inserted=inserted, updated=updated,
                            unchanged=page.count - inserted - updated,
-                           rejected_duplicates=len(bars) - page.count)
+                           rejected_duplicates=page.duplicates)
 
     @staticmethod
-    async def _write(conn: asyncpg.Connection, ticker: str, tf: str, page: _EncodedPage,
+    async def _write(conn: asyncpg.Connection, ticker: str, tf: str, page: EncodedPage,
                      covered: TimeRange, sessions: tuple[Sequence[date], Sequence[date]], *,
                      fast: bool) -> tuple[int, int]:
         """One transaction: the bars (COPY when ``fast`` and the range holds none yet, else
