@@ -160,14 +160,16 @@ class PipelinedBackfill:
                                     piece.span.end)
                 async with aclosing(pages):
                     async for page in pages:
-                        # Encoded now: a page waiting for its writer holds bytes, not bars.
-                        await queue.put((piece, self._prepare(piece.ticker, piece.timeframe,
-                                                              page)))
+                        # Encoded now, and the bars let go: a page waiting for its writer
+                        # holds bytes only, so memory stays flat however long the range.
+                        ready = self._prepare(piece.ticker, piece.timeframe, page)
+                        del page
+                        await queue.put((piece, ready))
                         if self._stop.is_set():
                             error = RuntimeError("stopped before completion")
                             break
-                        if piece.first and page.covered.end < piece.span.end:
-                            self._split_rest(piece, page.covered.end)
+                        if piece.first and ready.covered.end < piece.span.end:
+                            self._split_rest(piece, ready.covered.end)
                             break
             except AuthenticationError as exc:
                 self._fatal = exc

@@ -277,12 +277,13 @@ class PolygonClient:
                               f"{len(selection.bars)} bar(s)",
                       **job.context, page=pages, bars=len(selection.bars),
                       rejected=selection.rejected, more=following is not None)
-            page = Page(selection.bars, TimeRange(request.covers_from, covered_end),
-                        selection.rejected)
-            # The decoded body (a dict per bar) is several times the page's size: drop it
-            # before suspending, or every paused fetcher would keep one alive.
+            # Hand the page over without keeping a reference: a generator paused at its
+            # yield keeps its locals alive, and a caller that has encoded the bars and waits
+            # (on a full queue) must not hold them through us. Same for the decoded body.
+            box = [Page(selection.bars, TimeRange(request.covers_from, covered_end),
+                        selection.rejected)]
             del answer, read, selection
-            yield page
+            yield box.pop()
             request = following
 
     def _params(self) -> dict[str, str]:
