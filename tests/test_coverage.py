@@ -112,15 +112,25 @@ def test_plan_never_asks_for_a_range_without_a_session() -> None:
     # Labor Day Monday night, no trailing window: Saturday to Monday hold no session.
     assert missing_ranges("AAPL", HOUR, covered, start=ny(2025, 8, 1), now=ny(2025, 9, 1, 21),
                           trailing_window=timedelta(0)) == []
-    # Tuesday night: hours from Tuesday, not from the weekend; the daily range keeps
-    # Friday's bar (a range never starts inside a bar), then Tuesday's.
+    # Tuesday night: from Tuesday, not from the weekend; Friday closed before it was
+    # fetched, so its daily bar is final.
     tuesday_night = ny(2025, 9, 2, 21)
-    assert missing_ranges("AAPL", HOUR, covered, start=ny(2025, 8, 1), now=tuesday_night,
+    for timeframe in (HOUR, DAY):
+        assert missing_ranges("AAPL", timeframe, covered, start=ny(2025, 8, 1),
+                              now=tuesday_night, trailing_window=timedelta(0)) == [
+            TimeRange(ny(2025, 9, 2), tuesday_night)]
+
+
+def test_a_daily_bar_fetched_mid_session_is_asked_again_after_the_close() -> None:
+    covered = [TimeRange(ny(2025, 8, 1), ny(2025, 8, 29, 12))]  # Friday noon
+    assert missing_ranges("AAPL", DAY, covered, start=ny(2025, 8, 1), now=ny(2025, 8, 30, 10),
                           trailing_window=timedelta(0)) == [
-        TimeRange(ny(2025, 9, 2), tuesday_night)]
-    assert missing_ranges("AAPL", DAY, covered, start=ny(2025, 8, 1), now=tuesday_night,
-                          trailing_window=timedelta(0)) == [
-        TimeRange(ny(2025, 8, 29), tuesday_night)]
+        TimeRange(ny(2025, 8, 29), ny(2025, 8, 30, 10))]
+    # ... and marked verified only by a fetch that ran past the close.
+    assert vouched_sessions("AAPL", DAY, [], TimeRange(ny(2025, 8, 29), ny(2025, 8, 29, 12))) \
+        == ([], [])
+    assert vouched_sessions("AAPL", DAY, [], TimeRange(ny(2025, 8, 29), ny(2025, 8, 29, 21))) \
+        == ([], [date(2025, 8, 29)])
 
 
 def test_plan_merges_holes_with_only_days_without_a_session_between_them() -> None:

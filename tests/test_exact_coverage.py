@@ -137,7 +137,10 @@ async def test_full_run_leaves_no_hole_and_punched_holes_are_listed_then_filled(
     assert await hole_runs(bar_store, settings, now) == {("AAPL", "1d"): [], ("SPY", "1d"): []}
     assert await bar_store.fetch_bars("AAPL", Timeframe.parse("1d")) == before
     asked = [record.path for record in real_world.server.requests[requests_before:]]
-    assert any("/2010-03-01/2010-03-08" in path for path in asked), asked
+    # Both holes fit in one request with the trailing window: asked as one range.
+    assert [path for path in asked if "/range/" in path] == [
+        "/v2/aggs/ticker/AAPL/range/1/day/2010-03-01/2018-01-21",
+        "/v2/aggs/ticker/SPY/range/1/day/2015-07-02/2018-01-21"]
 
 
 @needs_real_data

@@ -50,9 +50,13 @@ def test_a_hole_in_the_middle_is_planned_as_well_as_the_tail() -> None:
     covered = [TimeRange(at(2025, 12, 1), at(2025, 12, 10)),
                TimeRange(at(2025, 12, 15), at(2026, 1, 9, 19))]
     ranges = missing_ranges("X:BTCUSD", FIVE, covered, start=at(2025, 12, 1), now=NOW,
-                            trailing_window=timedelta(hours=2))
+                            trailing_window=timedelta(hours=2), page_limit=5_000)
     assert ranges == [TimeRange(at(2025, 12, 10), at(2025, 12, 15)),
                       TimeRange(at(2026, 1, 9, 18), NOW)]
+    # When the two fit in one request of 50,000 minutes, they are asked as one.
+    assert missing_ranges("X:BTCUSD", FIVE, covered, start=at(2025, 12, 1), now=NOW,
+                          trailing_window=timedelta(hours=2)) == [
+        TimeRange(at(2025, 12, 10), NOW)]
 
 
 def test_an_earlier_start_is_filled_backwards() -> None:

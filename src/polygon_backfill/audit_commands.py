@@ -77,6 +77,11 @@ async def report_command(settings: Settings, console: Console, *, out_dir: Path)
     now = datetime.now(UTC)
     async with _store(settings) as store:
         grid = await coverage_grid(store, settings, now)
-    png, html = write_report(grid, out_dir)
+    try:
+        png, html = write_report(grid, out_dir)
+    except OSError as exc:
+        console.print(f"[red]Could not write the report to {out_dir}: {exc.strerror or exc}[/]",
+                      highlight=False)
+        return 1
     console.print(f"Wrote {png} and {html}", highlight=False)
     return 0

@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify", help="fetch a random sample of stored sessions again and compare")
     universe_options(verify)
-    verify.add_argument("--sample", type=int, default=20, help="sessions to check (20)")
+    verify.add_argument("--sample", type=_positive, default=20, help="sessions to check (20)")
     verify.add_argument("--seed", type=int, help="random seed, to repeat a sample")
     report = commands.add_parser(
         "report", help="coverage heatmap of tickers by day, as PNG and HTML")
@@ -93,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--time-scale", type=float, default=1.0,
                          help="run the rate-limit clock this many times faster")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     backfill_start: date | None = None
     backfill_days: int = Field(default=30, ge=1)
     adjusted: bool = True
-    trailing_window_days: float = Field(default=3.0, ge=0)
+    trailing_window_days: float = Field(default=3.0, ge=0, le=36_500)
     trailing_window_by_timeframe: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=dict)
     check_splits: bool = True
@@ -126,8 +126,8 @@ class Settings(BaseSettings):
                 windows[timeframe.name] = float(days) if sep else float("nan")
             except ValueError as exc:
                 raise ValueError(f"{item!r} is not TIMEFRAME=DAYS ({exc})") from None
-            if not windows[timeframe.name] >= 0:
-                raise ValueError(f"{item!r} is not TIMEFRAME=DAYS with DAYS >= 0")
+            if not 0 <= windows[timeframe.name] <= 36_500:
+                raise ValueError(f"{item!r} is not TIMEFRAME=DAYS with 0 <= DAYS <= 36500")
         return windows
 
     @field_validator("rate_limit")

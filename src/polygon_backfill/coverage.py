@@ -78,14 +78,19 @@ def _local_day(ticker: str, day: date, days: int = 1) -> TimeRange:
 
 
 def periods_between(ticker: str, timeframe: Timeframe, first: date, last: date) -> list[Period]:
-    """Every period of ``timeframe`` whose session date lies in ``[first, last]``."""
-    days = session_dates(ticker, first, last)
+    """Every period of ``timeframe`` with a session in ``[first, last]``; a week closes
+    with its own last session, even one after ``last``."""
     if timeframe.timespan is Timespan.WEEK:
-        weeks: dict[date, date] = {}
-        for day in days:  # Polygon's weeks start on Sunday; the last session closes it
-            weeks[day - timedelta(days=(day.weekday() + 1) % 7)] = day
-        return [_keyed(ticker, sunday, _local_day(ticker, sunday, 7), last_session)
-                for sunday, last_session in weeks.items()]
+        weeks: dict[date, date] = {}  # Sunday (Polygon's weeks) -> its last session
+        inside: set[date] = set()
+        for day in session_dates(ticker, first, last + timedelta(days=6)):
+            sunday = day - timedelta(days=(day.weekday() + 1) % 7)
+            weeks[sunday] = day
+            if day <= last:
+                inside.add(sunday)
+        return [_keyed(ticker, sunday, _local_day(ticker, sunday, 7), weeks[sunday])
+                for sunday in sorted(inside)]
+    days = session_dates(ticker, first, last)
     if timeframe.is_daily:
         return [_keyed(ticker, day, _local_day(ticker, day), day) for day in days]
     periods = []
@@ -135,7 +140,8 @@ def day_state(period: Period, coverage: Sequence[TimeRange], with_bars: set[date
 
 def vouched_sessions(ticker: str, timeframe: Timeframe, bars: Sequence[Bar],
                      covered: TimeRange) -> tuple[list[date], list[date]]:
-    """The periods a fetched page vouches for (``covered`` holds their ``needs``), split
+    """The periods a fetched page vouches for (``covered`` holds their ``needs`` and runs
+    past their close, so a daily bar fetched mid-session vouches for nothing yet), split
     into those with a bar in the page and those without: the verified-empty ones."""
     if covered.empty:
         return [], []
@@ -146,7 +152,8 @@ def vouched_sessions(ticker: str, timeframe: Timeframe, bars: Sequence[Bar],
     filled: list[date] = []
     empty: list[date] = []
     for period in periods_between(ticker, timeframe, first, last):
-        if not (covered.start <= period.needs.start and period.needs.end <= covered.end):
+        if not (covered.start <= period.needs.start and period.needs.end <= covered.end
+                and period.closes <= covered.end):
             continue
         lo = datetime_to_ms(period.keys.start)
         index = bisect_left(ordered, lo, key=_time_of)

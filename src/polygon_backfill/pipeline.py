@@ -35,6 +35,7 @@ from polygon_backfill.clock import Clock
 from polygon_backfill.errors import AuthenticationError
 from polygon_backfill.models import Timeframe, TimeRange
 from polygon_backfill.planner import SymbolWork, estimated_requests, split_range
+from polygon_backfill.sessions import may_hold_bars
 from polygon_backfill.summary import (
     FinishPair,
     NoteFailure,
@@ -184,7 +185,9 @@ class PipelinedBackfill:
         rest = TimeRange(done_until, piece.span.end)
         requests = estimated_requests(piece.ticker, piece.timeframe, rest, self._page_limit)
         per_piece = max(1, math.ceil(requests / self._max_in_flight))
-        spans = split_range(piece.ticker, piece.timeframe, rest, self._page_limit * per_piece)
+        spans = [span for span in split_range(piece.ticker, piece.timeframe, rest,
+                                              self._page_limit * per_piece)
+                 if may_hold_bars(piece.ticker, piece.timeframe, span.start, span.end)]
         self._pairs[(piece.ticker, piece.timeframe.name)].pieces_left += len(spans)
         for span in spans:
             self._todo.put_nowait(_Piece(piece.ticker, piece.timeframe, span, piece.group,

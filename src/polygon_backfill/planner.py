@@ -83,6 +83,7 @@ def missing_ranges(
     now: datetime,
     trailing_window: timedelta,
     holes: Iterable[TimeRange] = (),
+    page_limit: int = 50_000,
 ) -> list[TimeRange]:
     """Ranges to fetch: ``[start, now)`` less what is covered, plus the trailing window and
     ``holes`` (covered sessions whose bars are gone, from ``coverage.holes``).
@@ -91,7 +92,8 @@ def missing_ranges(
     fetched again on every run. Ranges start on bar boundaries; a range that holds no
     session (a weekend, a holiday) is never asked for, one that starts on days without a
     session starts at its first session instead, and two ranges with only days without a
-    session between them are asked for as one.
+    session between them, or that fit in one request of ``page_limit`` base aggregates
+    together, are asked for as one.
     """
     window_start = align_start(ticker, timeframe, start)
     if now <= window_start:
@@ -102,27 +104,40 @@ def missing_ranges(
     gaps = merge_ranges([*subtract(TimeRange(window_start, now), trusted), *holes])
     wanted: list[TimeRange] = []
     for gap in gaps:
-        if not may_hold_bars(ticker, timeframe, gap.start, gap.end):
+        # From the start of the bar holding the first session still open at gap.start: a
+        # daily bar fetched mid-session is asked again, a closed session's is not.
+        first = _first_open_session(ticker, gap)
+        if first is None:
             continue
-        first = _first_session_start(ticker, timeframe, gap)
         gap = TimeRange(align_start(ticker, timeframe, max(gap.start, first)), gap.end)
-        if wanted and not may_hold_bars(ticker, timeframe, wanted[-1].end, gap.start):
-            gap = TimeRange(wanted.pop().start, gap.end)  # only days without a session between
+        if wanted and _one_request_will_do(ticker, timeframe, wanted[-1], gap, page_limit):
+            gap = TimeRange(wanted.pop().start, gap.end)
         wanted.append(gap)
     return wanted
 
 
-def _first_session_start(ticker: str, timeframe: Timeframe, span: TimeRange) -> datetime:
-    """Local midnight of the first session in ``span`` that can still have bars after
-    ``span.start`` (``span.start`` when none). A daily bar of the first day is kept: a
-    range never starts inside a bar."""
+def _one_request_will_do(ticker: str, timeframe: Timeframe, before: TimeRange,
+                         after: TimeRange, page_limit: int) -> bool:
+    """Whether two ranges are better asked as one: only days without a session lie
+    between them, or together they still fit in one request (holes a few sessions apart,
+    such as a thin ticker's empty sessions, cost one request, not one each)."""
+    if not may_hold_bars(ticker, timeframe, before.end, after.start):
+        return True
+    joined = TimeRange(before.start, after.end)
+    return estimated_requests(ticker, timeframe, joined, page_limit) <= 1
+
+
+def _first_open_session(ticker: str, span: TimeRange) -> datetime | None:
+    """Local midnight of the first session in ``span`` that had not closed by
+    ``span.start`` (a session that had closed was fetched whole, its daily bar final), or
+    None when there is none: nothing in ``span`` to ask for."""
     zone = home_zone(ticker)
     for day in session_dates(ticker, span.start.astimezone(zone).date(),
                              span.end.astimezone(zone).date()):
         hours = trading_hours(ticker, day)
-        if timeframe.is_daily or hours is None or hours[1] > span.start:
+        if hours is not None and hours[1] > span.start and hours[0] < span.end:
             return session_start(ticker, day)
-    return span.start
+    return None
 
 
 def estimated_requests(ticker: str, timeframe: Timeframe, span: TimeRange,

@@ -285,25 +285,35 @@ class AutoBackfillScheduler:
         """Forget the coverage of stock tickers whose split list changed (``splits.py``)."""
         try:
             await refresh_splits(self.polygon_client.fetch_splits, self.store,
-                                 self.settings.tickers, self.clock.now())
+                                 self.settings.tickers, self.clock.now(),
+                                 self._stop_requested.is_set)
         except AuthenticationError as exc:  # every other request would be refused too
             self.fatal_error = exc
             self.request_stop()
             raise
 
     async def _plan(self) -> list[SymbolWork]:
-        """What each pair misses: uncovered time, holes in covered time, trailing window."""
+        """What each pair misses: uncovered time, holes in covered time, trailing window.
+
+        The window reaches back to the earliest stored bar when that is older than the
+        backfill start (a rolling ``BACKFILL_DAYS``, a start moved later): bars kept must
+        stay complete and current too, and after a split every one of them is fetched
+        again, so no stored adjusted price is left on the other side of it.
+        """
         now = self.clock.now()
         plan = []
         for ticker in self.settings.tickers:
-            start = self.settings.backfill_start_for(ticker, now)
+            configured = self.settings.backfill_start_for(ticker, now)
             ranges = []
             for timeframe in self.settings.timeframes:
+                stored_from = await self.store.first_bar_time(ticker, timeframe)
+                start = min(configured, stored_from) if stored_from else configured
                 coverage = await self.store.coverage(ticker, timeframe)
                 holes = await self._holes(ticker, timeframe, coverage, start, now)
                 ranges += [(timeframe, gap) for gap in missing_ranges(
                     ticker, timeframe, coverage, start=start, now=now, holes=holes,
-                    trailing_window=self.settings.trailing_window_for(timeframe))]
+                    trailing_window=self.settings.trailing_window_for(timeframe),
+                    page_limit=self.settings.page_limit)]
             plan.append(SymbolWork(ticker, tuple(ranges)))
         return plan
 

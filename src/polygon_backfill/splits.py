@@ -2,8 +2,10 @@
 
 Polygon adjusts a ticker's whole history when it splits, so bars fetched before the split
 no longer match the series the API serves. Each run asks for the split list of every stock
-ticker already stored and, when it changed, forgets the ticker's coverage: the plan then
-fetches its whole history again and the upsert replaces every stale value.
+ticker already stored and, when the splits in effect changed (a split announced for a later
+date changes nothing yet: the series moves on its execution date), forgets the ticker's
+coverage: the plan then fetches its whole stored history again (it reaches back to the
+earliest stored bar) and the upsert replaces every stale value.
 """
 
 from __future__ import annotations
@@ -39,18 +41,21 @@ def is_stale(listed: Sequence[Split], recorded: Sequence[Split] | None,
 
 
 async def refresh_splits(fetch: FetchSplits, store: BarStore, tickers: Sequence[str],
-                         now: datetime) -> list[str]:
-    """Check every stored stock ticker's splits; returns the tickers whose history is to be
-    fetched again. A ticker's failure is logged and skipped (checked again next run); a
-    rejected API key stops the run as it would any request."""
+                         now: datetime, stopping: Callable[[], bool]) -> list[str]:
+    """Check every stored stock ticker's splits in effect; returns the tickers whose history
+    is to be fetched again. A ticker's failure is logged and skipped (checked again next
+    run); a rejected API key stops the run as it would any request."""
     refetch: list[str] = []
+    today = now.astimezone(NEW_YORK).date()
     for ticker in tickers:
+        if stopping():
+            break
         if asset_class(ticker) is not AssetClass.STOCK:
             continue
         try:
             if not await store.has_coverage(ticker):
                 continue  # nothing stored: the first fetch is adjusted for today's splits
-            listed = await fetch(ticker)
+            listed = [split for split in await fetch(ticker) if split.execution_date <= today]
             recorded = await store.recorded_splits(ticker)
             oldest = await store.oldest_write(ticker) if recorded is None else None
             stale = is_stale(listed, recorded, oldest)

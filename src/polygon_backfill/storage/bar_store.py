@@ -517,6 +517,13 @@ class BarStore:
             return bool(await self._pool.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM coverage WHERE ticker = $1)", ticker))
 
+    async def first_bar_time(self, ticker: str, timeframe: Timeframe) -> datetime | None:
+        """The earliest stored bar of a pair (one index probe), or None when it has none."""
+        with storage_errors(f"reading bars of {ticker} {timeframe}"):
+            return await self._pool.fetchval(
+                "SELECT min(bar_time) FROM bars WHERE ticker = $1 AND timeframe = $2",
+                ticker, timeframe.name)
+
     async def oldest_write(self, ticker: str) -> datetime | None:
         """When the least recently written stored bar of ``ticker`` was written: a split
         after it may have left that bar's adjusted values stale."""
