@@ -316,3 +316,30 @@ async def test_vouched_sessions_are_counted_exactly(bar_store: BarStore,
     aapl = len(session_dates("AAPL", start, now.astimezone(NEW_YORK).date()))
     assert expected[("AAPL", "1d")] == expected[("AAPL", "1h")] == aapl
     assert expected[("X:BTCUSD", "1d")] == 19  # whole UTC days after the start, before now
+
+
+async def test_a_split_refetches_bars_older_than_a_rolling_window_and_waits_for_its_date(
+        bar_store: BarStore, synthetic_world: World) -> None:
+    """BACKFILL_DAYS rolls on, older bars stay: after a split they are fetched again too.
+    A split announced for a later date changes nothing until that date."""
+    world = synthetic_world
+    options = {"tickers": "AAPL", "timeframes": "1d", "backfill_days": 10}
+    await world.run(bar_store, **options)
+    world.advance(timedelta(days=20))
+    await world.run(bar_store, **options)  # the window has moved on; the split list is kept
+    before = await bar_store.fetch_bars("AAPL", Timeframe.parse("1d"))
+    today = world.clock.now().astimezone(NEW_YORK).date()
+
+    world.server.add_split("AAPL", today + timedelta(days=3), 1, 3)  # announced, not yet
+    world.advance(timedelta(hours=1))
+    summary = await world.run(bar_store, **options)
+    assert summary["bars_updated"] == 0
+    assert await bar_store.fetch_bars("AAPL", Timeframe.parse("1d")) == before
+
+    world.advance(timedelta(days=4))  # the split takes effect
+    await world.run(bar_store, **options)
+    after = {bar.bar_time: bar for bar in await bar_store.fetch_bars("AAPL", Timeframe.parse("1d"))}
+    oldest = before[0]
+    assert oldest.bar_time < world.clock.now() - timedelta(days=10)  # outside the window
+    assert after[oldest.bar_time].close == pytest.approx(oldest.close / 3)
+    assert all(after[bar.bar_time].close == pytest.approx(bar.close / 3) for bar in before)

@@ -133,7 +133,7 @@ class SandboxServer:
         self._synthetic = (SyntheticCache(SyntheticSource(config.synthetic_start))
                            if config.synthetic else None)
         self._splits: dict[str, list[Split]] = {}
-        self._adjustments: dict[str, Adjustment] = {}
+        self._adjustments: dict[tuple[str, tuple[Split, ...]], Adjustment | None] = {}
         self._monotonic: Callable[[], float] = config.monotonic or time.monotonic
         self._window: deque[float] = deque()
         self._runner: web.AppRunner | None = None
@@ -191,7 +191,8 @@ class SandboxServer:
 
     def add_split(self, ticker: str, execution_date: date, split_from: float,
                   split_to: float) -> None:
-        """List a split from now on, and adjust the ticker's bars for it.
+        """List a split from now on, and adjust the ticker's bars for it from its execution
+        date (the sandbox's "now", New York date) on.
 
         ``/v3/reference/splits`` lists it; with ``adjusted=true`` (the default) every bar
         of a session before ``execution_date`` is served with o, h, l, c and vw times
@@ -202,12 +203,23 @@ class SandboxServer:
         """
         split = Split(execution_date, split_from, split_to)  # checks the numbers
         validate_ticker(ticker)
-        listed = sorted([*self._splits.get(ticker, []), split])
-        adjustment = Adjustment.of(ticker, listed)
-        assert adjustment is not None
-        self._splits[ticker] = listed
-        self._adjustments[ticker] = adjustment
+        self._splits[ticker] = sorted([*self._splits.get(ticker, []), split])
         self._dataset.forget(ticker)  # its series for the old split list are never asked again
+
+    def _adjustment(self, ticker: str) -> Adjustment | None:
+        """The adjustment for the splits in effect at the sandbox's "now": as on Polygon,
+        a split announced for a later date changes no bar until that date."""
+        listed = self._splits.get(ticker)
+        if not listed:
+            return None
+        today = self.config.current_time().astimezone(NEW_YORK).date()
+        effective = tuple(split for split in listed if split.execution_date <= today)
+        if not effective:
+            return None
+        key = (ticker, effective)
+        if key not in self._adjustments:
+            self._adjustments[key] = Adjustment.of(ticker, list(effective))
+        return self._adjustments[key]
 
     def splits(self, ticker: str) -> list[Split]:
         """The splits added for ``ticker``, by execution date."""
@@ -348,7 +360,7 @@ class SandboxServer:
         return Answer(200, text, len(texts), bool(texts), next_t is not None)
 
     def _select(self, query: AggsQuery, lo: int, hi: int) -> Iterator[Row]:
-        adjustment = self._adjustments.get(query.ticker) if query.adjusted else None
+        adjustment = self._adjustment(query.ticker) if query.adjusted else None
         series = self._dataset.series(query.ticker, query.multiplier, query.timespan,
                                       adjustment)
         if series is not None:
@@ -387,7 +399,7 @@ class SandboxServer:
             for ticker in self._dataset.tickers():
                 if asset_class(ticker) is not AssetClass.STOCK:
                     continue
-                adjustment = self._adjustments.get(ticker) if adjusted else None
+                adjustment = self._adjustment(ticker) if adjusted else None
                 series = self._dataset.series(ticker, 1, Timespan.DAY, adjustment)
                 found = next(series.select(start, end, False), None) if series else None
                 if found is not None:
