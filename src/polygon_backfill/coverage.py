@@ -17,13 +17,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from operator import attrgetter
 
 from polygon_backfill.models import (
+    AssetClass,
     Bar,
     Timeframe,
     TimeRange,
     Timespan,
+    asset_class,
     datetime_to_ms,
     home_zone,
     in_time_order,
@@ -79,7 +82,18 @@ def _local_day(ticker: str, day: date, days: int = 1) -> TimeRange:
 
 def periods_between(ticker: str, timeframe: Timeframe, first: date, last: date) -> list[Period]:
     """Every period of ``timeframe`` with a session in ``[first, last]``; a week closes
-    with its own last session, even one after ``last``."""
+    with its own last session, even one after ``last``. The calendar depends on the asset
+    class alone, so a plan of many tickers computes each span once."""
+    return list(_periods(_CALENDAR_OF[asset_class(ticker)], timeframe, first, last))
+
+
+# One ticker per asset class: its calendar and home zone are every such ticker's.
+_CALENDAR_OF = {AssetClass.STOCK: "SPY", AssetClass.INDEX: "I:SPX",
+                AssetClass.CRYPTO: "X:BTCUSD", AssetClass.FOREX: "C:EURUSD"}
+
+
+@lru_cache(maxsize=256)
+def _periods(ticker: str, timeframe: Timeframe, first: date, last: date) -> tuple[Period, ...]:
     if timeframe.timespan is Timespan.WEEK:
         weeks: dict[date, date] = {}  # Sunday (Polygon's weeks) -> its last session
         inside: set[date] = set()
@@ -88,17 +102,17 @@ def periods_between(ticker: str, timeframe: Timeframe, first: date, last: date) 
             weeks[sunday] = day
             if day <= last:
                 inside.add(sunday)
-        return [_keyed(ticker, sunday, _local_day(ticker, sunday, 7), weeks[sunday])
-                for sunday in sorted(inside)]
+        return tuple(_keyed(ticker, sunday, _local_day(ticker, sunday, 7), weeks[sunday])
+                     for sunday in sorted(inside))
     days = session_dates(ticker, first, last)
     if timeframe.is_daily:
-        return [_keyed(ticker, day, _local_day(ticker, day), day) for day in days]
+        return tuple(_keyed(ticker, day, _local_day(ticker, day), day) for day in days)
     periods = []
     for day in days:
         hours = trading_hours(ticker, day)
         if hours is not None:
             periods.append(Period(day, _local_day(ticker, day), TimeRange(*hours), hours[1]))
-    return periods
+    return tuple(periods)
 
 
 def _keyed(ticker: str, day: date, keys: TimeRange, closing_session: date) -> Period:
