@@ -45,7 +45,7 @@ from polygon_backfill.planner import SymbolWork, session_pieces
 from polygon_backfill.sandbox import FaultKind, FaultRule, SandboxConfig, SandboxServer
 from polygon_backfill.scheduler import AutoBackfillScheduler
 from polygon_backfill.storage import BarStore, WriteResult
-from polygon_backfill.summary import PairOutcome, TickerResult
+from polygon_backfill.summary import PairOutcome, PassHooks, TickerResult
 from tests.support import FIXTURES, REAL_DATA, FakeClock, RecordingSleep
 
 GROUPED = "/v2/aggs/grouped/locale/us/market/stocks/"
@@ -283,9 +283,9 @@ class Recorder:
         self.finished.append(ticker)
 
     def runner(self) -> GroupedDailyBackfill:
-        return GroupedDailyBackfill(fetch=self.fetch, write=self.write,
-                                    note_failure=self.note_failure, finish_pair=self.finish,
-                                    stop=asyncio.Event(), clock=FakeClock(), max_in_flight=4)
+        hooks = PassHooks(write=self.write, note_failure=self.note_failure,
+                          finish_pair=self.finish, stop=asyncio.Event(), clock=FakeClock())
+        return GroupedDailyBackfill(fetch=self.fetch, hooks=hooks, max_in_flight=4)
 
 
 def close_bar(day: date, price: float = 10.0) -> Bar:

@@ -26,8 +26,7 @@ _MISMATCHES_SHOWN = 200
 
 
 def _store(settings: Settings) -> AbstractAsyncContextManager[BarStore]:
-    url = settings.database_url
-    return open_database(url.get_secret_value() if url else None, settings.embedded_pg_dir)
+    return open_database(settings.database_dsn(), settings.embedded_pg_dir)
 
 
 async def gaps_command(settings: Settings, console: Console) -> int:

@@ -181,9 +181,7 @@ def _utc(moment: datetime | None) -> str:
 
 
 async def _status(settings: Settings) -> int:
-    url = settings.database_url
-    async with open_database(url.get_secret_value() if url else None,
-                             settings.embedded_pg_dir) as store:
+    async with open_database(settings.database_dsn(), settings.embedded_pg_dir) as store:
         rows = await store.status()
         states = await store.service_states()
     table = Table(title="Backfill status (times in UTC)")

@@ -179,6 +179,10 @@ class Settings(BaseSettings):
             return session_start(ticker, self.backfill_start)
         return now - timedelta(days=self.backfill_days)
 
+    def database_dsn(self) -> str | None:
+        """``DATABASE_URL`` in clear for the driver, None for the embedded server."""
+        return self.database_url.get_secret_value() if self.database_url else None
+
     def secrets(self) -> list[str]:
         """Values that must never reach a log line or an error message."""
         found = [self.polygon_api_key.get_secret_value()]

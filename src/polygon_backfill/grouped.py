@@ -23,7 +23,6 @@ from datetime import date, datetime, time
 import structlog
 
 from polygon_backfill.clients import Page
-from polygon_backfill.clock import Clock
 from polygon_backfill.errors import AuthenticationError
 from polygon_backfill.models import (
     NEW_YORK,
@@ -38,11 +37,9 @@ from polygon_backfill.models import (
 )
 from polygon_backfill.planner import SymbolWork, estimated_requests, session_pieces
 from polygon_backfill.summary import (
-    FinishPair,
-    NoteFailure,
     PairOutcome,
+    PassHooks,
     TickerResult,
-    WritePage,
 )
 
 log = structlog.get_logger(__name__)
@@ -183,15 +180,13 @@ class GroupedDailyBackfill:
     """Fetches a :class:`GroupedPlan`'s dates and writes each ticker's bars; what it
     cannot vouch for goes back into the per-ticker plan."""
 
-    def __init__(self, *, fetch: FetchGrouped, write: WritePage, note_failure: NoteFailure,
-                 finish_pair: FinishPair, stop: asyncio.Event, clock: Clock,
-                 max_in_flight: int) -> None:
+    def __init__(self, *, fetch: FetchGrouped, hooks: PassHooks, max_in_flight: int) -> None:
         self._fetch = fetch
-        self._write = write
-        self._note_failure = note_failure
-        self._finish_pair = finish_pair
-        self._stop = stop
-        self._clock = clock
+        self._write = hooks.write
+        self._note_failure = hooks.note_failure
+        self._finish_pair = hooks.finish_pair
+        self._stop = hooks.stop
+        self._clock = hooks.clock
         self._max_in_flight = max_in_flight
 
     async def run(self, grouped: GroupedPlan, left: Sequence[SymbolWork]

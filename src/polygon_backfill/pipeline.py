@@ -31,18 +31,15 @@ from datetime import datetime
 import structlog
 
 from polygon_backfill.clients import Page
-from polygon_backfill.clock import Clock
 from polygon_backfill.errors import AuthenticationError
 from polygon_backfill.models import Timeframe, TimeRange
 from polygon_backfill.planner import SymbolWork, estimated_requests, split_range
 from polygon_backfill.sessions import may_hold_bars
 from polygon_backfill.summary import (
-    FinishPair,
-    NoteFailure,
     PairOutcome,
+    PassHooks,
     PreparePage,
     TickerResult,
-    WritePage,
 )
 
 log = structlog.get_logger(__name__)
@@ -80,18 +77,16 @@ _END = object()
 class PipelinedBackfill:
     """One pass in the best mode; ``run`` returns per-ticker results like the other modes."""
 
-    def __init__(self, *, fetch: FetchPages, prepare: PreparePage, write: WritePage,
-                 note_failure: NoteFailure,
-                 finish_pair: FinishPair, stop: asyncio.Event, clock: Clock,
+    def __init__(self, *, fetch: FetchPages, prepare: PreparePage, hooks: PassHooks,
                  max_in_flight: int, queued_pages: int, group_size: int,
                  page_limit: int, writers: int = 2) -> None:
         self._fetch = fetch
         self._prepare = prepare
-        self._write = write
-        self._note_failure = note_failure
-        self._finish_pair = finish_pair
-        self._stop = stop
-        self._clock = clock
+        self._write = hooks.write
+        self._note_failure = hooks.note_failure
+        self._finish_pair = hooks.finish_pair
+        self._stop = hooks.stop
+        self._clock = hooks.clock
         self._max_in_flight = max_in_flight
         # One queue per writer; a piece always goes to the same one, so its pages commit in
         # order and its end marker comes after them.

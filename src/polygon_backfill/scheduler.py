@@ -52,7 +52,7 @@ from polygon_backfill.storage import (
     encode_page,
     open_database,
 )
-from polygon_backfill.summary import BackfillSummary, PairOutcome, TickerResult
+from polygon_backfill.summary import BackfillSummary, PairOutcome, PassHooks, TickerResult
 
 log = structlog.get_logger(__name__)
 
@@ -139,9 +139,8 @@ class AutoBackfillScheduler:
 
     async def _connect(self) -> None:
         if self._store is None:
-            url = self.settings.database_url
             self._store = await self._exit_stack.enter_async_context(open_database(
-                url.get_secret_value() if url else None, self.settings.embedded_pg_dir))
+                self.settings.database_dsn(), self.settings.embedded_pg_dir))
 
     async def close(self) -> None:
         """Let in-flight writes commit, then close the client and the database."""
@@ -341,9 +340,7 @@ class AutoBackfillScheduler:
         if grouped is None:
             return plan, {}
         runner = GroupedDailyBackfill(
-            fetch=self.polygon_client.fetch_grouped_daily, write=self._write,
-            note_failure=self._note_failure, finish_pair=self._finish_pair,
-            stop=self._stop_requested, clock=self.clock,
+            fetch=self.polygon_client.fetch_grouped_daily, hooks=self._hooks(),
             max_in_flight=self.settings.max_in_flight_requests)
         try:
             return await runner.run(grouped, left)
@@ -351,6 +348,11 @@ class AutoBackfillScheduler:
             self.fatal_error = exc
             self.request_stop()
             raise
+
+    def _hooks(self) -> PassHooks:
+        return PassHooks(write=self._write, note_failure=self._note_failure,
+                         finish_pair=self._finish_pair, stop=self._stop_requested,
+                         clock=self.clock)
 
     async def _backfill_symbols_parallel(
         self, symbols_data: Sequence[SymbolWork], max_concurrent: int = 3
@@ -384,9 +386,7 @@ class AutoBackfillScheduler:
     ) -> dict[str, TickerResult]:
         """The best mode (``pipeline.py``): fetchers paced by the rate limiter, one writer."""
         pipeline = PipelinedBackfill(
-            fetch=self.polygon_client.iter_pages, prepare=self._prepare, write=self._write,
-            note_failure=self._note_failure, finish_pair=self._finish_pair,
-            stop=self._stop_requested, clock=self.clock,
+            fetch=self.polygon_client.iter_pages, prepare=self._prepare, hooks=self._hooks(),
             max_in_flight=self.settings.max_in_flight_requests,
             queued_pages=self.settings.queued_pages,
             group_size=self.max_concurrent_symbols, page_limit=self.settings.page_limit)

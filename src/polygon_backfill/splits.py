@@ -41,11 +41,10 @@ def is_stale(listed: Sequence[Split], recorded: Sequence[Split] | None,
 
 
 async def refresh_splits(fetch: FetchSplits, store: BarStore, tickers: Sequence[str],
-                         now: datetime, stopping: Callable[[], bool]) -> list[str]:
-    """Check every stored stock ticker's splits in effect; returns the tickers whose history
-    is to be fetched again. A ticker's failure is logged and skipped (checked again next
+                         now: datetime, stopping: Callable[[], bool]) -> None:
+    """Check every stored stock ticker's splits in effect; a ticker whose history is to be
+    fetched again is logged. A ticker's failure is logged and skipped (checked again next
     run); a rejected API key stops the run as it would any request."""
-    refetch: list[str] = []
     today = now.astimezone(NEW_YORK).date()
     for ticker in tickers:
         if stopping():
@@ -68,9 +67,7 @@ async def refresh_splits(fetch: FetchSplits, store: BarStore, tickers: Sequence[
                         ticker=ticker, error_type=type(exc).__name__)
             continue
         if stale:
-            refetch.append(ticker)
             log.warning("splits.changed",
                         message=f"Split list of {ticker} changed ({len(listed)} split(s)): "
                                 "fetching its whole history again",
                         ticker=ticker, splits=len(listed))
-    return refetch

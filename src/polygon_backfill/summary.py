@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from polygon_backfill.clients import Page
+    from polygon_backfill.clock import Clock
     from polygon_backfill.models import Timeframe
     from polygon_backfill.storage import ReadyPage, WriteResult
 
@@ -98,3 +100,15 @@ WritePage = Callable[[str, "Timeframe", "Page | ReadyPage"], Awaitable["WriteRes
 PreparePage = Callable[[str, "Timeframe", "Page"], "ReadyPage"]
 NoteFailure = Callable[[str, "Timeframe", PairOutcome, Exception], None]
 FinishPair = Callable[[str, "Timeframe", PairOutcome], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class PassHooks:
+    """What every runner of a pass (pipeline.py, grouped.py) gets from the scheduler: how
+    to write a page, report a pair's failure and its end, the stop signal and the clock."""
+
+    write: WritePage
+    note_failure: NoteFailure
+    finish_pair: FinishPair
+    stop: asyncio.Event
+    clock: Clock
