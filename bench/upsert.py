@@ -7,8 +7,9 @@ On a fresh database, one ticker's 1-minute bars in ``--pages`` consecutive pages
   changed    every page written again with every close and vwap moved (merge path; all updated)
   daily      one page of daily bars for another ticker (per-bar session-date keying)
 
-Timed end to end as the daemon calls it: deduplication and row building in Python, the
-transaction, the COPY, the merge and the coverage row. Figures are bars per second.
+Timed end to end as the daemon calls it: the page handed over as the fast reader hands an
+ordinary answer over (numpy columns, ``BarColumns``), row building, the transaction, the
+COPY, the merge and the coverage row. Figures are bars per second.
 
     .venv/bin/python -m bench.upsert [--bars 50000] [--pages 10] [--json]
 """
@@ -27,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bench.harness import fresh_database, postgres_server
+from polygon_backfill.bar_columns import BarColumns
 from polygon_backfill.models import Bar, Timeframe, TimeRange, ms_to_datetime
 from polygon_backfill.storage import BarStore
 
@@ -71,6 +73,14 @@ def daily_bars(count: int, rng: random.Random) -> list[Bar]:
     return bars
 
 
+def as_read(bars: Sequence[Bar]) -> BarColumns:
+    """``bars`` as the daemon's fast reader hands a page over; built before the clock starts."""
+    columns = BarColumns.from_bars(bars)
+    if columns is None:
+        raise ValueError("every generated bar carries volume, vwap and trades")
+    return columns
+
+
 def covering(bars: Sequence[Bar], timeframe: Timeframe) -> TimeRange:
     return TimeRange(ms_to_datetime(bars[0].t),
                      ms_to_datetime(bars[-1].t) + timeframe.duration)
@@ -99,8 +109,9 @@ def row(scenario: str, bars: int, times: list[float], results: list[Any]) -> dic
 async def measure(admin_url: str, bars: int, pages: int) -> list[dict[str, Any]]:
     """The four scenarios on a fresh database of ``admin_url``'s server, one row each."""
     rng = random.Random(20240102)
-    page_list = [minute_bars(_START_MS + p * bars * 60_000, bars, rng) for p in range(pages)]
-    daily = daily_bars(min(bars, _DAILY_BARS), rng)
+    page_list = [as_read(minute_bars(_START_MS + p * bars * 60_000, bars, rng))
+                 for p in range(pages)]
+    daily = as_read(daily_bars(min(bars, _DAILY_BARS), rng))
     rows: list[dict[str, Any]] = []
     async with fresh_database(admin_url) as dsn:
         store = await BarStore.connect(dsn, min_size=1, max_size=2)
@@ -110,7 +121,7 @@ async def measure(admin_url: str, bars: int, pages: int) -> list[dict[str, Any]]
                 times, results = [], []
                 for page in page_list:
                     elapsed, result = await timed_write(
-                        store, "AAPL", M1, variant(page) if variant else page)
+                        store, "AAPL", M1, as_read(variant(page)) if variant else page)
                     times.append(elapsed)
                     results.append(result)
                 rows.append(row(scenario, bars, times, results))

@@ -36,11 +36,16 @@ def test_recorded_answers_read_the_same_both_ways(name: str) -> None:
 
 def test_index_bars_without_volume_and_whole_float_counts() -> None:
     index_bar = {key: BAR[key] for key in "tohlc"}
-    read = parse_aggregates_fast(body(index_bar, {**BAR, "n": 812.0, "t": 1.6000000003e12}))
+    read = parse_aggregates_fast(body(index_bar, {**index_bar, "t": 1.6000000003e12}))
     assert read is not None
     first, second = read[1].bars
     assert (first.volume, first.vwap, first.trades) == (None, None, None)
-    assert (second.t, second.trades) == (1_600_000_000_300, 812)
+    assert second.t == 1_600_000_000_300
+    read = parse_aggregates_fast(body({**BAR, "n": 812.0, "t": 1.6000000003e12}))
+    assert read is not None
+    (only,) = read[1].bars
+    assert (only.t, only.trades) == (1_600_000_000_300, 812)
+    assert [type(only.t), type(only.trades), type(only.open)] == [int, int, float]
 
 
 @pytest.mark.parametrize(("content", "why"), [
@@ -53,6 +58,11 @@ def test_index_bars_without_volume_and_whole_float_counts() -> None:
     (body({k: v for k, v in BAR.items() if k != "c"}), "missing close"),
     (b'{"status":"OK","results":[{"t":1,"o":NaN,"h":1,"l":1,"c":1}]}', "NaN"),
     (body(BAR, status="ERROR"), "failure status"),
+    (body(BAR, {key: BAR[key] for key in "tohlc"}), "volume in one bar, not the other"),
+    (body({**BAR, "t": 1.6e12 + 0.5}), "fractional time"),
+    (body({**BAR, "o": True}), "price as a boolean"),
+    (body({**BAR, "v": 1e400}), "infinite volume"),
+    (body({**BAR, "t": 2**60}), "time beyond exact floats"),
     (b'{"status":"OK","results":null}', "results null"),
     (b'{"status":"OK","results":[', "truncated"),
 ])

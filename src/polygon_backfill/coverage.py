@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
-from operator import attrgetter
 
+from polygon_backfill.bar_columns import bar_times
 from polygon_backfill.models import (
     AssetClass,
     Bar,
@@ -29,13 +29,11 @@ from polygon_backfill.models import (
     asset_class,
     datetime_to_ms,
     home_zone,
-    in_time_order,
     session_start,
 )
 from polygon_backfill.sessions import session_dates, trading_hours
 
 _ONE_MS = timedelta(milliseconds=1)
-_time_of = attrgetter("t")
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +160,7 @@ def vouched_sessions(ticker: str, timeframe: Timeframe, bars: Sequence[Bar],
     zone = home_zone(ticker)
     first = (covered.start.astimezone(zone) - timedelta(days=7)).date()
     last = covered.end.astimezone(zone).date()
-    ordered = in_time_order(bars)
+    times = bar_times(bars)
     filled: list[date] = []
     empty: list[date] = []
     for period in periods_between(ticker, timeframe, first, last):
@@ -170,8 +168,8 @@ def vouched_sessions(ticker: str, timeframe: Timeframe, bars: Sequence[Bar],
                 and period.closes <= covered.end):
             continue
         lo = datetime_to_ms(period.keys.start)
-        index = bisect_left(ordered, lo, key=_time_of)
-        held = index < len(ordered) and ordered[index].t < datetime_to_ms(period.keys.end)
+        index = bisect_left(times, lo)
+        held = index < len(times) and times[index] < datetime_to_ms(period.keys.end)
         (filled if held else empty).append(period.day)
     return filled, empty
 

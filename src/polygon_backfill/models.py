@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from itertools import pairwise
 from zoneinfo import ZoneInfo
 
 NEW_YORK = ZoneInfo("America/New_York")
@@ -186,15 +185,6 @@ class Split:
     def ratio(self) -> float:
         """New shares per old share: 4.0 for a 4-for-1 split, 0.1 for a 1-for-10 reverse."""
         return self.split_to / self.split_from
-
-
-def in_time_order(bars: Sequence[Bar]) -> Sequence[Bar]:
-    """``bars`` by ``t``, one per ``t`` (the last one wins). An answer is nearly always in
-    order already: then it is returned as it is, after one cheap pass to make sure."""
-    if all(a.t < b.t for a, b in pairwise(bars)):
-        return bars
-    by_t = {bar.t: bar for bar in bars}
-    return [by_t[t] for t in sorted(by_t)]
 
 
 @dataclass(frozen=True, slots=True)

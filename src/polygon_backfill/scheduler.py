@@ -300,21 +300,29 @@ class AutoBackfillScheduler:
         again, so no stored adjusted price is left on the other side of it.
         """
         now = self.clock.now()
-        plan = []
-        for ticker in self.settings.tickers:
-            configured = self.settings.backfill_start_for(ticker, now)
-            ranges = []
-            for timeframe in self.settings.timeframes:
-                stored_from = await self.store.first_bar_time(ticker, timeframe)
-                start = min(configured, stored_from) if stored_from else configured
-                coverage = await self.store.coverage(ticker, timeframe)
-                holes = await self._holes(ticker, timeframe, coverage, start, now)
-                ranges += [(timeframe, gap) for gap in missing_ranges(
-                    ticker, timeframe, coverage, start=start, now=now, holes=holes,
-                    trailing_window=self.settings.trailing_window_for(timeframe),
-                    page_limit=self.settings.page_limit)]
-            plan.append(SymbolWork(ticker, tuple(ranges)))
-        return plan
+        pairs = [(ticker, timeframe) for ticker in self.settings.tickers
+                 for timeframe in self.settings.timeframes]
+        # Every pair at once: its few queries are round trips, which the pool overlaps.
+        missing = await asyncio.gather(*(self._missing(ticker, timeframe, now)
+                                         for ticker, timeframe in pairs))
+        ranges: dict[str, list[tuple[Timeframe, TimeRange]]] = {
+            ticker: [] for ticker in self.settings.tickers}
+        for (ticker, timeframe), gaps in zip(pairs, missing, strict=True):
+            ranges[ticker] += [(timeframe, gap) for gap in gaps]
+        return [SymbolWork(ticker, tuple(found)) for ticker, found in ranges.items()]
+
+    async def _missing(self, ticker: str, timeframe: Timeframe,
+                       now: datetime) -> list[TimeRange]:
+        """One pair's part of the plan (see :meth:`_plan`)."""
+        configured = self.settings.backfill_start_for(ticker, now)
+        stored_from = await self.store.first_bar_time(ticker, timeframe)
+        start = min(configured, stored_from) if stored_from else configured
+        coverage = await self.store.coverage(ticker, timeframe)
+        holes = await self._holes(ticker, timeframe, coverage, start, now)
+        return missing_ranges(
+            ticker, timeframe, coverage, start=start, now=now, holes=holes,
+            trailing_window=self.settings.trailing_window_for(timeframe),
+            page_limit=self.settings.page_limit)
 
     async def _holes(self, ticker: str, timeframe: Timeframe, coverage: list[TimeRange],
                      start: datetime, now: datetime) -> list[TimeRange]:

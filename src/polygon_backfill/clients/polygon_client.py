@@ -21,7 +21,7 @@ import asyncio
 import functools
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
@@ -124,7 +124,7 @@ class Page:
     end for the last page), so the caller can record coverage page by page.
     """
 
-    bars: list[Bar]
+    bars: Sequence[Bar]
     covered: TimeRange
     rejected: int
 
