@@ -544,8 +544,13 @@ class PolygonClient:
         try:
             # httpx's timeout bounds each phase; this bounds the whole exchange, so a body
             # that trickles in forever is abandoned too.
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._http.get(request.url, params=request.params)
+            async with (asyncio.timeout(self._timeout_s),
+                        self._http.stream("GET", request.url, params=request.params)
+                        as response):
+                # Read into our own bytes, not response.content: an httpx Response and its
+                # stream refer to each other, so a body kept on it lives until the cyclic
+                # garbage collector runs (tens of MB of old pages in a long backfill).
+                body = b"".join([chunk async for chunk in response.aiter_bytes()])
         except TimeoutError as exc:
             raise TransientPolygonError(
                 f"request took longer than {self._timeout_s:g} s", **job.context) from exc
@@ -563,36 +568,37 @@ class PolygonClient:
             raise PolygonError(f"request failed: {type(exc).__name__}", **job.context) from exc
         finally:
             self.api_seconds += time.monotonic() - started
-        return self._read(response, job, parse)
+        return self._read(response, body, job, parse)
 
-    def _read(self, response: httpx.Response, job: _Job, parse: Callable[[object], _T]) -> _T:
-        """Turn a response into an answer (``parse`` reads a successful body) or the
-        matching error."""
+    def _read(self, response: httpx.Response, body: bytes, job: _Job,
+              parse: Callable[[object], _T]) -> _T:
+        """Turn a response and its body into an answer (``parse`` reads a successful body)
+        or the matching error."""
         code = response.status_code
         context: dict[str, Any] = {**job.context, "status_code": code}
         if code == 429:
             self.rate_limited_count += 1
             raise RateLimitedError("rate limited", retry_after_s=self._retry_after(response),
-                                   server_message=self._error_text(response), **context)
+                                   server_message=self._error_text(body), **context)
         if code >= 500:
             raise ServerError("server error", retry_after_s=self._retry_after(response),
-                              server_message=self._error_text(response), **context)
+                              server_message=self._error_text(body), **context)
         if code == 408:
             raise TransientPolygonError("request timeout",
-                                        server_message=self._error_text(response), **context)
+                                        server_message=self._error_text(body), **context)
         if not 200 <= code < 300:
             kind = {401: AuthenticationError, 403: NotAuthorizedError}.get(
                 code, PolygonClientError)
-            raise kind("request refused", server_message=self._error_text(response),
+            raise kind("request refused", server_message=self._error_text(body),
                        **context)
         fast = _FAST_PARSERS.get(parse)
-        if fast is not None and (answer := fast(response.content)) is not None:
+        if fast is not None and (answer := fast(body)) is not None:
             return answer  # type: ignore[no-any-return]
         try:
-            payload = from_json(response.content, allow_inf_nan=True)
+            payload = from_json(body, allow_inf_nan=True)
         except ValueError:
             raise MalformedResponseError(
-                f"body is not valid JSON ({len(response.content)} bytes)", **context) from None
+                f"body is not valid JSON ({len(body)} bytes)", **context) from None
         try:
             status = read_status(payload)
             if status == NOT_AUTHORIZED:
@@ -610,12 +616,12 @@ class PolygonClient:
     def _retry_after(self, response: httpx.Response) -> float | None:
         return _urls.parse_retry_after(response.headers.get("Retry-After"), datetime.now(UTC))
 
-    def _error_text(self, response: httpx.Response) -> str | None:
+    def _error_text(self, body: bytes) -> str | None:
         """The server's ``error``/``message``, or the start of a non-JSON body."""
         try:
-            return self._message(from_json(response.content, allow_inf_nan=True))
+            return self._message(from_json(body, allow_inf_nan=True))
         except ValueError:
-            text = response.text.strip()[:200]
+            text = body.decode("utf-8", errors="replace").strip()[:200]
             return self._redact(text) if text else None
 
     def _message(self, payload: object) -> str | None:
