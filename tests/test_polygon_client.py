@@ -22,6 +22,7 @@ from polygon_backfill.clients import (
     ServerError,
 )
 from polygon_backfill.clients import polygon_client as client_module
+from polygon_backfill.clients.rate_limiter import Slot
 from polygon_backfill.errors import (
     AuthenticationError,
     MalformedResponseError,
@@ -32,7 +33,7 @@ from polygon_backfill.errors import (
     TransientPolygonError,
 )
 from polygon_backfill.models import Bar, Timeframe, TimeRange, ms_to_datetime
-from tests.support import FakeClock, RecordingSleep
+from tests.support import FakeClock, RecordingSleep, SandboxFactory
 
 BASE_URL = "https://api.test.polygon"
 KEY = "sk-SECRET-0123456789"
@@ -658,3 +659,22 @@ async def test_a_missing_results_key_or_a_weekend_null_is_believed_at_once(
     await client.aclose()
     assert (weekday.call_count, weekend.call_count) == (1, 1)
     assert sleep.waits == []
+
+
+async def test_the_limiter_hears_when_each_request_left(sandbox: SandboxFactory,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over real HTTP, every request tells its limiter slot once its headers are sent
+    (httpcore's trace), so the jitter allowance counts from the wire, not the grant."""
+    sent: list[Slot] = []
+    monkeypatch.setattr(Slot, "sent", lambda self: sent.append(self))
+    server = await sandbox()
+    limiter = AdaptiveRateLimiter(RateLimit(100, 1.0))
+    async with PolygonClient("k", server.base_url, page_limit=10,
+                             rate_limiter=limiter) as client:
+        bars = await client.fetch_range("X:BTCUSD", Timeframe.parse("1d"),
+                                        datetime(2024, 5, 1, tzinfo=UTC),
+                                        datetime(2024, 5, 31, tzinfo=UTC))
+    assert len(bars) == 30
+    assert client.total_requests >= 3  # pages of at most 10 days
+    assert len(sent) == client.total_requests
+    assert len(set(map(id, sent))) == len(sent)  # one slot each

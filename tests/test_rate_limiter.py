@@ -242,3 +242,50 @@ async def test_a_429_cuts_to_what_the_server_accepted_in_the_window() -> None:
     await clock.sleep(60.0)
     limiter.on_success()
     assert limiter.current_limit.requests == 6
+
+
+# --- when a request counts ----------------------------------------------------------------
+
+
+async def test_a_quick_answer_counts_the_request_from_its_answer() -> None:
+    """A request answered in 20 ms holds its place until then: the next window opens a
+    period (+1%) after the answer, not after the start."""
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(RateLimit(1, 1.0), clock=clock)
+    async with limiter.slot() as slot:
+        await clock.sleep(0.005)
+        slot.sent()
+        await clock.sleep(0.015)
+    await limiter.acquire()
+    assert clock.monotonic() == pytest.approx(0.02 + 1.01)
+
+
+async def test_a_slow_answer_counts_from_the_sending_plus_the_allowance() -> None:
+    """One per 10 s. Granted at 0, sent at 0.3 s (a handshake, a busy loop), answered at
+    2 s: the request counts as arriving 5% of the period (0.5 s) after it was sent, at
+    0.8 s; not at its grant (0.5 s), not at its answer (2 s)."""
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(RateLimit(1, 10.0), clock=clock)
+    async with limiter.slot() as slot:
+        await clock.sleep(0.3)
+        slot.sent()
+        await clock.sleep(1.7)
+    await limiter.acquire()
+    assert clock.monotonic() == pytest.approx(0.8 + 10.1)
+
+
+async def test_a_request_never_sent_counts_from_its_grant() -> None:
+    """No headers went out (a refused connection) and the failure took 3 s: the allowance
+    (15% of 10 s here) runs from the grant."""
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(RateLimit(1, 10.0), clock=clock, jitter_share=0.15)
+
+    async def refused() -> None:
+        async with limiter.slot():
+            await clock.sleep(3.0)
+            raise ConnectionError("refused")
+
+    with pytest.raises(ConnectionError):
+        await refused()
+    await limiter.acquire()
+    assert clock.monotonic() == pytest.approx(1.5 + 10.1)

@@ -16,6 +16,7 @@ from polygon_backfill.storage import (
     BarStore,
     PairStatus,
     StoredBar,
+    StoredPair,
     WriteResult,
     migrate,
     open_database,
@@ -483,3 +484,22 @@ async def test_open_database_without_a_url_runs_an_embedded_server(tmp_path: Pat
     async with open_database(None, pg_dir) as store:
         assert len(await store.fetch_bars("AAPL", M1)) == 2
     assert (pg_dir / "PG_VERSION").exists()
+
+
+async def test_stored_pairs_reads_every_pair_in_one_go(bar_store: BarStore) -> None:
+    """The plan's view of many pairs: earliest bar and merged coverage for each, None and
+    nothing for pairs never written, the same as the one-pair reads."""
+    await bar_store.write_page("AAPL", M1, minute_bars("2024-01-02T15:00", 30),
+                               span("2024-01-02T14:30", "2024-01-02T16:00"))
+    await bar_store.write_page("AAPL", M1, minute_bars("2024-01-03T15:00", 5),
+                               span("2024-01-03T14:30", "2024-01-03T16:00"))
+    await bar_store.write_page("AAPL", M1, [], span("2024-01-02T16:00", "2024-01-02T17:00"))
+    stored = await bar_store.stored_pairs([("AAPL", M1), ("AAPL", D1), ("MSFT", M1)])
+    assert stored[("AAPL", "1m")] == StoredPair(
+        utc("2024-01-02T15:00"),
+        [span("2024-01-02T14:30", "2024-01-02T17:00"),
+         span("2024-01-03T14:30", "2024-01-03T16:00")])
+    assert stored[("AAPL", "1m")].coverage == await bar_store.coverage("AAPL", M1)
+    assert stored[("AAPL", "1d")] == StoredPair(None, [])
+    assert stored[("MSFT", "1m")] == StoredPair(None, [])
+    assert await bar_store.stored_pairs([]) == {}

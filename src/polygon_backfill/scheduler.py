@@ -48,6 +48,7 @@ from polygon_backfill.splits import refresh_splits
 from polygon_backfill.storage import (
     BarStore,
     ReadyPage,
+    StoredPair,
     WriteResult,
     encode_page,
     open_database,
@@ -302,25 +303,25 @@ class AutoBackfillScheduler:
         now = self.clock.now()
         pairs = [(ticker, timeframe) for ticker in self.settings.tickers
                  for timeframe in self.settings.timeframes]
-        # Every pair at once: its few queries are round trips, which the pool overlaps.
-        missing = await asyncio.gather(*(self._missing(ticker, timeframe, now)
-                                         for ticker, timeframe in pairs))
+        stored = await self.store.stored_pairs(pairs)
+        # Pairs with fetched ranges are probed for lost sessions; those probes overlap.
+        missing = await asyncio.gather(*(
+            self._missing(ticker, timeframe, stored[(ticker, timeframe.name)], now)
+            for ticker, timeframe in pairs))
         ranges: dict[str, list[tuple[Timeframe, TimeRange]]] = {
             ticker: [] for ticker in self.settings.tickers}
         for (ticker, timeframe), gaps in zip(pairs, missing, strict=True):
             ranges[ticker] += [(timeframe, gap) for gap in gaps]
         return [SymbolWork(ticker, tuple(found)) for ticker, found in ranges.items()]
 
-    async def _missing(self, ticker: str, timeframe: Timeframe,
+    async def _missing(self, ticker: str, timeframe: Timeframe, stored: StoredPair,
                        now: datetime) -> list[TimeRange]:
         """One pair's part of the plan (see :meth:`_plan`)."""
         configured = self.settings.backfill_start_for(ticker, now)
-        stored_from = await self.store.first_bar_time(ticker, timeframe)
-        start = min(configured, stored_from) if stored_from else configured
-        coverage = await self.store.coverage(ticker, timeframe)
-        holes = await self._holes(ticker, timeframe, coverage, start, now)
+        start = min(configured, stored.first_bar) if stored.first_bar else configured
+        holes = await self._holes(ticker, timeframe, stored.coverage, start, now)
         return missing_ranges(
-            ticker, timeframe, coverage, start=start, now=now, holes=holes,
+            ticker, timeframe, stored.coverage, start=start, now=now, holes=holes,
             trailing_window=self.settings.trailing_window_for(timeframe),
             page_limit=self.settings.page_limit)
 

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
@@ -496,8 +496,8 @@ class PolygonClient:
             if self._limiter is None:
                 answer = await self._send(request, job, parse)
             else:
-                async with self._limiter.slot():
-                    answer = await self._send(request, job, parse)
+                async with self._limiter.slot() as slot:
+                    answer = await self._send(request, job, parse, on_sent=slot.sent)
         except RateLimitedError as exc:
             if self._limiter is not None:
                 self._limiter.on_rate_limited(exc.retry_after_s)
@@ -534,8 +534,10 @@ class PolygonClient:
         if self._breaker is not None:
             self._breaker.record_success()
 
-    async def _send(self, request: _Request, job: _Job, parse: Callable[[object], _T]) -> _T:
-        """One HTTP request, with transport failures mapped into the error tree.
+    async def _send(self, request: _Request, job: _Job, parse: Callable[[object], _T], *,
+                    on_sent: Callable[[], None] | None = None) -> _T:
+        """One HTTP request, with transport failures mapped into the error tree; ``on_sent``
+        is called once its headers are on the wire (httpcore's ``trace`` extension).
 
         ``api_seconds`` is measured here, so time spent waiting in the limiter is not in it.
         """
@@ -545,8 +547,8 @@ class PolygonClient:
             # httpx's timeout bounds each phase; this bounds the whole exchange, so a body
             # that trickles in forever is abandoned too.
             async with (asyncio.timeout(self._timeout_s),
-                        self._http.stream("GET", request.url, params=request.params)
-                        as response):
+                        self._http.stream("GET", request.url, params=request.params,
+                                          extensions=_sent_trace(on_sent)) as response):
                 # Read into our own bytes, not response.content: an httpx Response and its
                 # stream refer to each other, so a body kept on it lives until the cyclic
                 # garbage collector runs (tens of MB of old pages in a long backfill).
@@ -631,6 +633,22 @@ class PolygonClient:
     def _redact(self, text: str) -> str:
         """Keep the key out of messages even if a server or proxy echoes it."""
         return text.replace(self._api_key, "***") if self._api_key else text
+
+
+_HEADERS_SENT: Final = frozenset({"http11.send_request_headers.complete",
+                                  "http2.send_request_headers.complete"})
+
+
+def _sent_trace(on_sent: Callable[[], None] | None) -> dict[str, object]:
+    """httpx ``extensions`` whose trace calls ``on_sent`` when the headers have gone out."""
+    if on_sent is None:
+        return {}
+
+    async def trace(event: str, _info: dict[str, object]) -> None:
+        if event in _HEADERS_SENT:
+            on_sent()
+
+    return {"trace": trace}
 
 
 # Bodies a parser can read straight from bytes in the common case (None: read carefully).

@@ -7,6 +7,7 @@ from polygon_backfill.storage.bar_store import (
     ReadyPage,
     ServiceState,
     StoredBar,
+    StoredPair,
     WriteResult,
     encode_page,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "ReadyPage",
     "ServiceState",
     "StoredBar",
+    "StoredPair",
     "WriteResult",
     "encode_page",
     "migrate",

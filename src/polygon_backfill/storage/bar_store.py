@@ -122,6 +122,20 @@ WHERE ticker = $1 AND timeframe = $2 AND range_end > range_start
 ORDER BY range_start, range_end
 """
 
+# What the plan needs of every pair, in two round trips whatever the number of pairs: the
+# earliest stored bar (one index probe each) and the fetched ranges.
+_FIRST_BARS: Final = """
+SELECT p.ticker, p.timeframe,
+       (SELECT min(bar_time) FROM bars b
+        WHERE b.ticker = p.ticker AND b.timeframe = p.timeframe) AS first_bar
+FROM unnest($1::text[], $2::text[]) AS p(ticker, timeframe)
+"""
+_SELECT_COVERAGE_OF: Final = """
+SELECT ticker, timeframe, range_start, range_end FROM coverage
+WHERE (ticker, timeframe) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+  AND range_end > range_start
+"""
+
 # A session with bars is no longer verified empty; one without, inside a fetched range, is.
 _CLEAR_EMPTY_SESSIONS: Final = """
 DELETE FROM empty_sessions WHERE ticker = $1 AND timeframe = $2 AND session_date = ANY($3)
@@ -270,6 +284,15 @@ class EncodedPage:
     first: datetime
     last: datetime
     duplicates: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPair:
+    """What is stored of one pair, as the plan reads it: the earliest bar (None when it has
+    none) and every range fetched so far, merged."""
+
+    first_bar: datetime | None
+    coverage: list[TimeRange]
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,6 +553,25 @@ class BarStore:
             rows = await self._pool.fetch(_SELECT_COVERAGE, ticker, timeframe.name)
         return merge_ranges(TimeRange(row["range_start"], row["range_end"]) for row in rows)
 
+    async def stored_pairs(self, pairs: Sequence[tuple[str, Timeframe]]
+                           ) -> dict[tuple[str, str], StoredPair]:
+        """The earliest stored bar and :meth:`coverage` of many pairs at once, keyed by
+        ``(ticker, timeframe name)``: a plan of hundreds of pairs costs two round trips."""
+        tickers = [ticker for ticker, _ in pairs]
+        names = [timeframe.name for _, timeframe in pairs]
+        with storage_errors(f"reading the coverage of {len(pairs)} pair(s)"):
+            async with self._pool.acquire() as conn:
+                firsts = await conn.fetch(_FIRST_BARS, tickers, names)
+                covered = await conn.fetch(_SELECT_COVERAGE_OF, tickers, names)
+        ranges: dict[tuple[str, str], list[TimeRange]] = {}
+        for row in covered:
+            ranges.setdefault((row["ticker"], row["timeframe"]), []).append(
+                TimeRange(row["range_start"], row["range_end"]))
+        return {(row["ticker"], row["timeframe"]): StoredPair(
+                    row["first_bar"], merge_ranges(ranges.get((row["ticker"], row["timeframe"]),
+                                                              [])))
+                for row in firsts}
+
     async def session_marks(self, ticker: str, timeframe: Timeframe,
                             periods: Sequence[Period]) -> tuple[set[date], set[date]]:
         """Of ``periods``, the session dates holding a bar and those verified empty."""
@@ -575,13 +617,6 @@ class BarStore:
         with storage_errors(f"reading coverage of {ticker}"):
             return bool(await self._pool.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM coverage WHERE ticker = $1)", ticker))
-
-    async def first_bar_time(self, ticker: str, timeframe: Timeframe) -> datetime | None:
-        """The earliest stored bar of a pair (one index probe), or None when it has none."""
-        with storage_errors(f"reading bars of {ticker} {timeframe}"):
-            return await self._pool.fetchval(
-                "SELECT min(bar_time) FROM bars WHERE ticker = $1 AND timeframe = $2",
-                ticker, timeframe.name)
 
     async def oldest_write(self, ticker: str) -> datetime | None:
         """When the least recently written stored bar of ``ticker`` was written: a split
