@@ -15,7 +15,8 @@ latency and its rate-limit period (so the limit is F times higher), keeping the 
 proportions while the run fits in a few minutes.
 
 T_min = max(fewest requests the workload needs under the sandbox's paging rules / rate
-limit, bars / the bulk-upsert rate measured in this run); each row prints total / T_min.
+limit, bars / the bulk-upsert rate measured in this run with the daemon's two writers);
+each row prints total / T_min.
 Before the modes run, the whole workload is asked for once, untimed, so the sandbox's bar
 cache is equally warm for every mode.
 
@@ -43,6 +44,7 @@ from polygon_backfill.clients.rate_limiter import AdaptiveRateLimiter, RateLimit
 from polygon_backfill.clock import SystemClock
 from polygon_backfill.logging import configure_logging
 from polygon_backfill.models import Timeframe, datetime_to_ms
+from polygon_backfill.pipeline import WRITERS
 from polygon_backfill.planner import align_start
 from polygon_backfill.sandbox.synthetic import SyntheticSource
 from polygon_backfill.scheduler import AutoBackfillScheduler
@@ -192,7 +194,8 @@ async def run(work: Workload, modes: list[str], latency_ms: float) -> dict[str, 
     period = work.rate_period_s / work.time_scale
     async with postgres_server() as admin:
         upsert = await measure(admin, 50_000, 4)
-        upsert_rate = next(row for row in upsert if row["scenario"] == "fresh")
+        # The daemon's writers together: what bounds its database time in a backfill.
+        upsert_rate = next(row for row in upsert if row["scenario"] == f"fresh x{WRITERS}")
         rate = float(upsert_rate["median_bars_per_s"])
         sandbox = ("--rate-limit", f"{work.rate_requests}/{period:g}",
                    "--latency-ms", f"{latency_ms / work.time_scale:g}")

@@ -3,6 +3,8 @@
 On a fresh database, one ticker's 1-minute bars in ``--pages`` consecutive pages of
 ``--bars`` bars each, then:
   fresh      each page new (the fast path: one probe, COPY straight into ``bars``)
+  fresh xN   the same, N pages at once on N connections: the daemon's N writers
+             (``pipeline.WRITERS``), its write capacity in a backfill
   identical  every page written again unchanged (merge path; nothing touched)
   changed    every page written again with every close and vwap moved (merge path; all updated)
   daily      one page of daily bars for another ticker (per-bar session-date keying)
@@ -30,6 +32,7 @@ from typing import Any
 from bench.harness import fresh_database, postgres_server
 from polygon_backfill.bar_columns import BarColumns
 from polygon_backfill.models import Bar, Timeframe, TimeRange, ms_to_datetime
+from polygon_backfill.pipeline import WRITERS
 from polygon_backfill.storage import BarStore
 
 M1 = Timeframe.parse("1m")
@@ -93,12 +96,16 @@ async def timed_write(store: BarStore, ticker: str, timeframe: Timeframe,
     return time.perf_counter() - started, result
 
 
-def row(scenario: str, bars: int, times: list[float], results: list[Any]) -> dict[str, Any]:
+def row(scenario: str, bars: int, times: list[float], results: list[Any],
+        writers: int = 1) -> dict[str, Any]:
+    """One scenario's figures; ``times`` are per page, or per round of ``writers`` pages
+    written at once."""
     total = sum(times)
     return {
-        "scenario": scenario, "pages": len(times), "bars_per_page": bars,
-        "median_bars_per_s": round(bars / statistics.median(times)),
-        "total_bars_per_s": round(bars * len(times) / total),
+        "scenario": scenario, "writers": writers, "pages": len(times) * writers,
+        "bars_per_page": bars,
+        "median_bars_per_s": round(bars * writers / statistics.median(times)),
+        "total_bars_per_s": round(bars * writers * len(times) / total),
         "total_s": round(total, 3),
         "inserted": sum(r.inserted for r in results),
         "updated": sum(r.updated for r in results),
@@ -106,15 +113,39 @@ def row(scenario: str, bars: int, times: list[float], results: list[Any]) -> dic
     }
 
 
+async def timed_round(store: BarStore, tickers: Sequence[str], timeframe: Timeframe,
+                      bars: Sequence[Bar]) -> tuple[float, list[Any]]:
+    """The same page written for every ticker at once, each on its own connection, as the
+    pipeline's writers do."""
+    started = time.perf_counter()
+    results = await asyncio.gather(*(store.write_page(ticker, timeframe, bars,
+                                                      covering(bars, timeframe))
+                                     for ticker in tickers))
+    return time.perf_counter() - started, list(results)
+
+
+async def fresh_by_writers(store: BarStore, pages: Sequence[Sequence[Bar]]) -> dict[str, Any]:
+    """Fresh inserts as the daemon's ``WRITERS`` make them: each page for as many new
+    tickers at once."""
+    times, results = [], []
+    for page in pages:
+        elapsed, written = await timed_round(store, [f"W{i}" for i in range(WRITERS)], M1,
+                                             page)
+        times.append(elapsed)
+        results += written
+    return row(f"fresh x{WRITERS}", len(pages[0]), times, results, WRITERS)
+
+
 async def measure(admin_url: str, bars: int, pages: int) -> list[dict[str, Any]]:
-    """The four scenarios on a fresh database of ``admin_url``'s server, one row each."""
+    """The scenarios on a fresh database of ``admin_url``'s server, one row each; the
+    first two are fresh inserts by one writer and by the daemon's ``WRITERS``."""
     rng = random.Random(20240102)
     page_list = [as_read(minute_bars(_START_MS + p * bars * 60_000, bars, rng))
                  for p in range(pages)]
     daily = as_read(daily_bars(min(bars, _DAILY_BARS), rng))
     rows: list[dict[str, Any]] = []
     async with fresh_database(admin_url) as dsn:
-        store = await BarStore.connect(dsn, min_size=1, max_size=2)
+        store = await BarStore.connect(dsn, min_size=WRITERS, max_size=WRITERS)
         try:
             for scenario, variant in (("fresh", None), ("identical", None),
                                       ("changed", changed)):
@@ -125,6 +156,8 @@ async def measure(admin_url: str, bars: int, pages: int) -> list[dict[str, Any]]
                     times.append(elapsed)
                     results.append(result)
                 rows.append(row(scenario, bars, times, results))
+                if scenario == "fresh":  # into the same, no longer empty, table
+                    rows.append(await fresh_by_writers(store, page_list))
             elapsed, result = await timed_write(store, "MSFT", D1, daily)
             rows.append(row("daily", len(daily), [elapsed], [result]))
         finally:
@@ -133,11 +166,11 @@ async def measure(admin_url: str, bars: int, pages: int) -> list[dict[str, Any]]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'scenario':<10} {'pages':>5} {'bars/page':>9} {'median bars/s':>14} "
+    print(f"{'scenario':<10} {'writers':>7} {'pages':>5} {'bars/page':>9} {'median bars/s':>14} "
           f"{'total bars/s':>13} {'total s':>8} {'inserted':>9} {'updated':>8} "
           f"{'unchanged':>9}")
     for r in rows:
-        print(f"{r['scenario']:<10} {r['pages']:>5} {r['bars_per_page']:>9,} "
+        print(f"{r['scenario']:<10} {r['writers']:>7} {r['pages']:>5} {r['bars_per_page']:>9,} "
               f"{r['median_bars_per_s']:>14,} {r['total_bars_per_s']:>13,} "
               f"{r['total_s']:>8.3f} {r['inserted']:>9,} {r['updated']:>8,} "
               f"{r['unchanged']:>9,}")

@@ -72,6 +72,9 @@ class _PieceDone:
 
 
 _END = object()
+WRITERS = 2
+"""Pages written at once, each on its own connection: two transactions commit together
+(one writer waits on every commit), and a 2-core database gains nothing from more."""
 
 
 class PipelinedBackfill:
@@ -79,7 +82,7 @@ class PipelinedBackfill:
 
     def __init__(self, *, fetch: FetchPages, prepare: PreparePage, hooks: PassHooks,
                  max_in_flight: int, queued_pages: int, group_size: int,
-                 page_limit: int, writers: int = 2) -> None:
+                 page_limit: int, writers: int = WRITERS) -> None:
         self._fetch = fetch
         self._prepare = prepare
         self._write = hooks.write
