@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from polygon_backfill.models import Timeframe, TimeRange, merge_ranges
-from polygon_backfill.planner import align_start, missing_ranges, subtract
+from polygon_backfill.planner import align_start, estimated_page_bars, missing_ranges, subtract
 
 NOW = datetime(2026, 1, 9, 20, 0, tzinfo=UTC)
 DAY = Timeframe.parse("1d")
@@ -94,3 +94,22 @@ def test_weekly_ranges_start_on_sunday_and_multi_day_bars_are_refused() -> None:
     for text in ("2d", "3w"):
         with pytest.raises(ValueError, match="only as 1d and 1w"):
             Timeframe.parse(text)
+
+
+@pytest.mark.parametrize(("ticker", "timeframe", "days", "expected"), [
+    # crypto trades every minute; every day the span touches counts whole (an upper
+    # bound): 31 days of 288 five-minute bars
+    ("X:BTCUSD", "5m", 30, 31 * 288),
+    # a page holds 50,000 base aggregates (minutes), so at most 10,000 five-minute bars
+    ("X:BTCUSD", "5m", 300, 10_000),
+    ("X:BTCUSD", "1m", 300, 50_000),
+    # stocks: 16 extended hours on each of the 21 sessions of 2024-03-04..2024-04-02
+    # (Good Friday closed), 4 bars an hour
+    ("AAPL", "15m", 30, 21 * 16 * 4),
+    ("AAPL", "1d", 30, 21),
+])
+def test_a_first_page_is_weighed_by_the_bars_the_calendar_puts_in_it(
+        ticker: str, timeframe: str, days: int, expected: int) -> None:
+    start = datetime(2024, 3, 4, tzinfo=UTC) if days == 30 else datetime(2023, 6, 1, tzinfo=UTC)
+    span = TimeRange(start, start + timedelta(days=days))
+    assert estimated_page_bars(ticker, Timeframe.parse(timeframe), span, 50_000) == expected

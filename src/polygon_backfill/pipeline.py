@@ -9,7 +9,12 @@ range is cut into at most ``max_in_flight`` pieces, each a whole number of reque
 estimate that overshoots (data ending early) wastes at most that many requests.
 
 A fixed number of fetchers (``max_in_flight``) keeps the rate limiter busy: when one
-request ends another starts, with no barrier waiting for the slowest of a group. Pages
+request ends another starts, with no barrier waiting for the slowest of a group. There are
+as many as the limiter lets into one window, so each window's requests go out together:
+a window that starts spread out stays spread out, since the sliding window repeats its
+pattern. What they may hold at once is bounded by ``max_bars_in_flight`` (each request
+weighed by the bars the calendar says its page holds), so a backfill of 1-minute pages of
+50,000 bars keeps a few in flight where one of 5-minute pages for a month keeps dozens. Pages
 go onto bounded queues drained by two writers (each piece always to the same one, so its
 pages commit in order), so database time hides under API time, two transactions commit
 at once, and memory is bounded by the pages in flight plus the queues, however long the
@@ -24,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -33,7 +38,12 @@ import structlog
 from polygon_backfill.clients import Page
 from polygon_backfill.errors import AuthenticationError
 from polygon_backfill.models import Timeframe, TimeRange
-from polygon_backfill.planner import SymbolWork, estimated_requests, split_range
+from polygon_backfill.planner import (
+    SymbolWork,
+    estimated_page_bars,
+    estimated_requests,
+    split_range,
+)
 from polygon_backfill.sessions import may_hold_bars
 from polygon_backfill.summary import (
     PairOutcome,
@@ -77,12 +87,36 @@ WRITERS = 2
 (one writer waits on every commit), and a 2-core database gains nothing from more."""
 
 
+class BarBudget:
+    """At most ``capacity`` bars held by requests at once, each request weighed by its
+    estimate. One weighing more than the whole budget waits until it is empty and goes
+    alone, so nothing waits forever."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._held = 0
+        self._changed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def hold(self, bars: int) -> AsyncIterator[None]:
+        bars = min(bars, self._capacity)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._held + bars <= self._capacity)
+            self._held += bars
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._held -= bars
+                self._changed.notify_all()
+
+
 class PipelinedBackfill:
     """One pass in the best mode; ``run`` returns per-ticker results like the other modes."""
 
     def __init__(self, *, fetch: FetchPages, prepare: PreparePage, hooks: PassHooks,
-                 max_in_flight: int, queued_pages: int, group_size: int,
-                 page_limit: int, writers: int = WRITERS) -> None:
+                 max_in_flight: int, max_bars_in_flight: int, queued_pages: int,
+                 group_size: int, page_limit: int, writers: int = WRITERS) -> None:
         self._fetch = fetch
         self._prepare = prepare
         self._write = hooks.write
@@ -91,6 +125,7 @@ class PipelinedBackfill:
         self._stop = hooks.stop
         self._clock = hooks.clock
         self._max_in_flight = max_in_flight
+        self._budget = BarBudget(max_bars_in_flight)
         # One queue per writer; a piece always goes to the same one, so its pages commit in
         # order and its end marker comes after them.
         self._queues: list[asyncio.Queue[object]] = [
@@ -154,10 +189,12 @@ class PipelinedBackfill:
             queue = self._queues[self._next_queue % len(self._queues)]
             self._next_queue += 1
             error: Exception | None = None
+            weight = estimated_page_bars(piece.ticker, piece.timeframe, piece.span,
+                                         self._page_limit)
             try:
                 pages = self._fetch(piece.ticker, piece.timeframe, piece.span.start,
                                     piece.span.end)
-                async with aclosing(pages):
+                async with self._budget.hold(weight), aclosing(pages):
                     async for page in pages:
                         # Encoded now, and the bars let go: a page waiting for its writer
                         # holds bytes only, so memory stays flat however long the range.

@@ -152,6 +152,21 @@ def estimated_requests(ticker: str, timeframe: Timeframe, span: TimeRange,
     return max(1, math.ceil(total / page_limit))
 
 
+def estimated_page_bars(ticker: str, timeframe: Timeframe, span: TimeRange,
+                        page_limit: int) -> int:
+    """At most how many bars the first page of ``span`` holds, from the calendar (every
+    day the span touches counted whole, and no more than a page's worth): what a request
+    will hold in memory."""
+    zone = home_zone(ticker)
+    day, last = span.start.astimezone(zone).date(), span.end.astimezone(zone).date()
+    total = 0
+    while day <= last and total < page_limit:
+        total += base_aggregates(ticker, day, intraday=not timeframe.is_daily)
+        day += timedelta(days=1)
+    per_bar = 1 if timeframe.is_daily else timeframe.duration // timedelta(minutes=1)
+    return max(1, min(total, page_limit) // per_bar)
+
+
 def split_range(ticker: str, timeframe: Timeframe, span: TimeRange,
                 page_limit: int) -> list[TimeRange]:
     """Cut ``span`` into pieces of at most ``page_limit`` base aggregates each (estimated

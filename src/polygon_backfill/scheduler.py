@@ -397,6 +397,7 @@ class AutoBackfillScheduler:
         pipeline = PipelinedBackfill(
             fetch=self.polygon_client.iter_pages, prepare=self._prepare, hooks=self._hooks(),
             max_in_flight=self.settings.max_in_flight_requests,
+            max_bars_in_flight=self.settings.max_bars_in_flight,
             queued_pages=self.settings.queued_pages,
             group_size=self.max_concurrent_symbols, page_limit=self.settings.page_limit)
         return await pipeline.run(symbols_data)
