@@ -55,3 +55,32 @@ async def test_a_request_bigger_than_the_budget_goes_alone() -> None:
     small_done.set()
     await asyncio.gather(first, second)
     assert order == ["small in", "small out", "huge in"]
+
+
+async def test_waiters_are_served_in_order_and_a_cancelled_one_leaks_nothing() -> None:
+    budget = BarBudget(100)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def request(name: str, bars: int) -> None:
+        async with budget.hold(bars):
+            order.append(name)
+            await gate.wait()
+
+    first = asyncio.ensure_future(request("first", 90))
+    await asyncio.sleep(0)
+    big = asyncio.ensure_future(request("big", 80))
+    await asyncio.sleep(0)
+    small = asyncio.ensure_future(request("small", 5))  # would fit, but big came first
+    await asyncio.sleep(0)
+    assert order == ["first"]
+    big.cancel()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert order == ["first", "small"]  # big left the queue; small no longer waits behind it
+    gate.set()
+    await asyncio.gather(first, small)
+    assert big.cancelled()
+    async with budget.hold(100):  # everything was given back
+        order.append("all")
+    assert order[-1] == "all"

@@ -64,6 +64,8 @@ def test_index_bars_without_volume_and_whole_float_counts() -> None:
     (body({**BAR, "v": 1e400}), "infinite volume"),
     (body({**BAR, "t": 2**60}), "time beyond exact floats"),
     (b'{"status":"OK","results":null}', "results null"),
+    (b'{"status":"OK","result\\u0073":null}', "results null, the key escaped"),
+    (body(BAR, request_id=1), "a request id that is not a string"),
     (b'{"status":"OK","results":[', "truncated"),
 ])
 def test_anything_unusual_is_left_to_the_careful_reading(content: bytes, why: str) -> None:

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     parallel_backfill: bool = True
     backfill_mode: Literal["pipeline", "groups"] = "pipeline"
     max_in_flight_requests: int = Field(default=64, ge=1, le=256)
-    max_bars_in_flight: int = Field(default=200_000, ge=1_000)
+    max_bars_in_flight: int = Field(default=100_000, ge=1_000)
     queued_pages: int = Field(default=4, ge=1, le=256)
     max_concurrent_symbols: int = Field(default=3, ge=1, le=100)
     grouped_daily_max_sessions: int = Field(default=5, ge=0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -89,26 +90,50 @@ WRITERS = 2
 
 class BarBudget:
     """At most ``capacity`` bars held by requests at once, each request weighed by its
-    estimate. One weighing more than the whole budget waits until it is empty and goes
-    alone, so nothing waits forever."""
+    estimate, granted first come, first served (a big page is not overtaken forever by
+    small ones). One weighing more than the whole budget waits until it is empty and goes
+    alone. Released synchronously, so a cancellation cannot leak a share."""
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
         self._held = 0
-        self._changed = asyncio.Condition()
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @asynccontextmanager
     async def hold(self, bars: int) -> AsyncIterator[None]:
         bars = min(bars, self._capacity)
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._held + bars <= self._capacity)
+        if self._waiting or self._held + bars > self._capacity:
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (bars, turn)
+            self._waiting.append(entry)
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if not turn.cancelled():  # granted, then cancelled
+                    self._release(bars)
+                elif entry in self._waiting:
+                    self._waiting.remove(entry)
+                    self._grant()  # it may have been what held the others back
+                raise
+        else:
             self._held += bars
         try:
             yield
         finally:
-            async with self._changed:
-                self._held -= bars
-                self._changed.notify_all()
+            self._release(bars)
+
+    def _release(self, bars: int) -> None:
+        self._held -= bars
+        self._grant()
+
+    def _grant(self) -> None:
+        """Let waiters in, in order, while the first one fits."""
+        while self._waiting and self._held + self._waiting[0][0] <= self._capacity:
+            bars, turn = self._waiting.popleft()
+            if turn.cancelled():  # its task is leaving; it takes nothing
+                continue
+            self._held += bars
+            turn.set_result(None)
 
 
 class PipelinedBackfill:

@@ -305,9 +305,16 @@ class AutoBackfillScheduler:
                  for timeframe in self.settings.timeframes]
         stored = await self.store.stored_pairs(pairs)
         # Pairs with fetched ranges are probed for lost sessions; those probes overlap.
-        missing = await asyncio.gather(*(
-            self._missing(ticker, timeframe, stored[(ticker, timeframe.name)], now)
-            for ticker, timeframe in pairs))
+        probes = [asyncio.ensure_future(
+            self._missing(ticker, timeframe, stored[(ticker, timeframe.name)], now))
+            for ticker, timeframe in pairs]
+        try:
+            missing = await asyncio.gather(*probes)
+        except BaseException:  # one failed (the database is gone): stop the others too
+            for probe in probes:
+                probe.cancel()
+            await asyncio.gather(*probes, return_exceptions=True)
+            raise
         ranges: dict[str, list[tuple[Timeframe, TimeRange]]] = {
             ticker: [] for ticker in self.settings.tickers}
         for (ticker, timeframe), gaps in zip(pairs, missing, strict=True):
@@ -533,6 +540,7 @@ def client_for(settings: Settings, clock: Clock,
         page_limit=settings.page_limit,
         max_pages=settings.max_pages,
         adjusted=settings.adjusted,
+        max_connections=settings.max_in_flight_requests,
         sleep=clock.sleep,
         rate_limiter=AdaptiveRateLimiter(RateLimit.parse(settings.rate_limit), clock=clock),
         circuit_breaker=CircuitBreaker(

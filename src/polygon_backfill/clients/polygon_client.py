@@ -180,6 +180,7 @@ class PolygonClient:
         sleep: Sleep = asyncio.sleep,
         rate_limiter: AdaptiveRateLimiter | None = None,
         circuit_breaker: CircuitBreaker | None = None,
+        max_connections: int = 32,
     ) -> None:
         if max_attempts < 1 or max_pages < 1 or not 1 <= page_limit <= 50_000:
             raise ValueError("max_attempts and max_pages must be >= 1, page_limit 1..50000")
@@ -199,7 +200,10 @@ class PolygonClient:
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json",
                      "User-Agent": "polygon-backfill"},
             timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16,
+            # A connection per request in flight, or granted requests would queue in
+            # httpx's pool holding their place in the limiter's window.
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections,
                                 keepalive_expiry=30.0),
             transport=transport,
             verify=_ssl_context(),

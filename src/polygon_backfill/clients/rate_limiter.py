@@ -100,10 +100,19 @@ class Slot:
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
-        self.sent_at = clock.monotonic()
+        self.sent_at: float | None = None
 
     def sent(self) -> None:
         self.sent_at = self._clock.monotonic()
+
+    def arrived_by(self, answered: float, allowance: float) -> float:
+        """When the request counts as having reached the server: at its answer, or
+        ``allowance`` after it was sent if that is sooner. Never told it was sent (a
+        transport without httpcore's trace, a connection that failed), only the answer
+        is a safe bound."""
+        if self.sent_at is None:
+            return answered
+        return min(answered, self.sent_at + allowance)
 
 
 class AdaptiveRateLimiter:
@@ -187,7 +196,7 @@ class AdaptiveRateLimiter:
             yield slot
         finally:
             self._in_flight -= 1
-            self._stamp(min(self._clock.monotonic(), slot.sent_at + self._jitter_s))
+            self._stamp(slot.arrived_by(self._clock.monotonic(), self._jitter_s))
             self._freed.set()
 
     def _stamp(self, moment: float) -> None:

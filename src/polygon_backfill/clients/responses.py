@@ -196,11 +196,17 @@ class _FastBar(msgspec.Struct):
 
 
 class _FastAnswer(msgspec.Struct):
+    """The top level as :class:`AggregatesResponse` reads it, every field as strict: a
+    ``results`` left out is UNSET, one written ``null`` is None (pitfall 4)."""
+
     status: str
-    results: list[_FastBar] | None = None
+    results: list[_FastBar] | msgspec.UnsetType | None = msgspec.UNSET
     next_url: str | None = None
     queryCount: int | None = None  # noqa: N815  (Polygon's names)
     resultsCount: int | None = None  # noqa: N815
+    ticker: str | None = None
+    adjusted: bool | None = None
+    request_id: str | None = None
 
 
 _FAST_DECODER: Final = msgspec.json.Decoder(_FastAnswer)
@@ -256,12 +262,12 @@ def parse_aggregates_fast(content: bytes) -> tuple[AggregatesResponse, ReadBars]
         body = _FAST_DECODER.decode(content)
     except (msgspec.DecodeError, ValueError):
         return None
-    if body.status not in SUCCESS_STATUSES or (
-            body.results is None and b'"results"' in content):  # results: null
+    if body.status not in SUCCESS_STATUSES or body.results is None:  # a failure, or null
         return None
-    bars = _fast_columns(body.results or [])
+    bars = _fast_columns([] if body.results is msgspec.UNSET else body.results)
     if bars is None:
         return None
+    # The bars travel in ReadBars; ``results`` is set (not null) but left empty.
     answer = AggregatesResponse.model_construct(
         status=body.status, results=[], next_url=body.next_url,
         query_count=body.queryCount, results_count=body.resultsCount)

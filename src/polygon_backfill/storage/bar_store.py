@@ -408,7 +408,8 @@ def _column_rows(ticker_b: bytes, timeframe_b: bytes, bars: BarColumns) -> _Rows
     loop per bar."""
     if not len(bars):
         return b"", 0, _PG_EPOCH, _PG_EPOCH
-    if np.abs(bars.t).max() >= _SAFE_MS:  # the microseconds below would wrap around
+    # Times in microseconds wrap around int64 from 9.2e15 ms; the reader accepts less.
+    if np.abs(bars.t).max() >= _SAFE_MS:
         raise OverflowError(f"bar time {bars.t.max()} ms is out of range")
     optional = (("volume", ">f8"), ("vwap", ">f8"), ("trades", ">i8"))
     fields: list[tuple[str, str]] = [
