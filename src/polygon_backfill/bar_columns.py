@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import overload
+from typing import Any, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +23,24 @@ from polygon_backfill.models import Bar
 
 Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]
+
+SAFE_INTEGER = 2**53
+"""Whole numbers below this hold exactly in a float, and as Unix ms their microseconds fit
+in int64 (which wraps from 9.2e15 ms)."""
+
+
+class MixedPresenceError(ValueError):
+    """An optional value present in some bars of a page and absent from others."""
+
+
+def optional_column(values: list[float | None], dtype: type[np.generic]) -> npt.NDArray[Any] | None:
+    """An optional value of every bar as a column: None when no bar has it. A page where
+    some bars have it and others not raises :class:`MixedPresenceError`: it stays Bars."""
+    if None not in values:
+        return np.array(values, dtype=dtype)
+    if any(value is not None for value in values):
+        raise MixedPresenceError("a value present in some bars only")
+    return None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -43,21 +61,18 @@ class BarColumns(Sequence[Bar]):
     @classmethod
     def from_bars(cls, bars: Sequence[Bar]) -> BarColumns | None:
         """``bars`` as columns, or None when an optional value is present in some bars only."""
-        optional: list[list[float | None]] = [[bar.volume for bar in bars],
-                                              [bar.vwap for bar in bars],
-                                              [bar.trades for bar in bars]]
-        if any(None in values and any(v is not None for v in values) for values in optional):
+        try:
+            volume = optional_column([bar.volume for bar in bars], np.float64)
+            vwap = optional_column([bar.vwap for bar in bars], np.float64)
+            trades = optional_column([bar.trades for bar in bars], np.int64)
+        except MixedPresenceError:
             return None
-        volume, vwap, trades = (None if not values or None in values else values
-                                for values in optional)
         return cls(np.array([bar.t for bar in bars], dtype=np.int64),
                    np.array([bar.open for bar in bars], dtype=np.float64),
                    np.array([bar.high for bar in bars], dtype=np.float64),
                    np.array([bar.low for bar in bars], dtype=np.float64),
                    np.array([bar.close for bar in bars], dtype=np.float64),
-                   None if volume is None else np.array(volume, dtype=np.float64),
-                   None if vwap is None else np.array(vwap, dtype=np.float64),
-                   None if trades is None else np.array(trades, dtype=np.int64))
+                   volume, vwap, trades)
 
     def __len__(self) -> int:
         return len(self.t)

@@ -28,7 +28,13 @@ import msgspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from polygon_backfill.bar_columns import BarColumns, Floats, is_in_time_order
+from polygon_backfill.bar_columns import (
+    SAFE_INTEGER,
+    BarColumns,
+    MixedPresenceError,
+    is_in_time_order,
+    optional_column,
+)
 from polygon_backfill.errors import MalformedResponseError
 from polygon_backfill.models import Bar, Split
 
@@ -210,19 +216,6 @@ class _FastAnswer(msgspec.Struct):
 
 
 _FAST_DECODER: Final = msgspec.json.Decoder(_FastAnswer)
-_SAFE_INTEGER: Final = 2.0**53  # a float holds every whole number below this exactly
-
-
-def _column(values: list[float | None]) -> Floats | None:
-    """An optional value as a column: None when no bar has it; raises ValueError when
-    some bars have it and others not (the careful reader keeps such a page as Bars)."""
-    if None not in values:
-        return np.array(values, dtype=np.float64)
-    if any(value is not None for value in values):
-        raise ValueError("mixed presence")
-    return None
-
-
 def _fast_columns(results: list[_FastBar]) -> BarColumns | None:
     """The bars as columns when every one is sound and ``t`` and ``n`` are whole numbers,
     else None. Checked as arrays: finite, high not below low, volume and trades not
@@ -233,16 +226,16 @@ def _fast_columns(results: list[_FastBar]) -> BarColumns | None:
               np.array([bar.l for bar in results], dtype=np.float64),
               np.array([bar.c for bar in results], dtype=np.float64)]
     try:
-        volume = _column([bar.v for bar in results])
-        vwap = _column([bar.vw for bar in results])
-        trades = _column([bar.n for bar in results])
-    except ValueError:
+        volume = optional_column([bar.v for bar in results], np.float64)
+        vwap = optional_column([bar.vw for bar in results], np.float64)
+        trades = optional_column([bar.n for bar in results], np.float64)
+    except MixedPresenceError:
         return None
     floats = [t, *prices, *(column for column in (volume, vwap, trades) if column is not None)]
     if not all(np.isfinite(column).all() for column in floats):
         return None
     whole = [t] if trades is None else [t, trades]
-    if not all((np.floor(column) == column).all() and (np.abs(column) < _SAFE_INTEGER).all()
+    if not all((np.floor(column) == column).all() and (np.abs(column) < SAFE_INTEGER).all()
                for column in whole):
         return None
     if (prices[1] < prices[2]).any() or any(

@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING, Final
 import asyncpg
 import numpy as np
 
-from polygon_backfill.bar_columns import BarColumns, in_time_order, is_in_time_order
+from polygon_backfill.bar_columns import (
+    SAFE_INTEGER,
+    BarColumns,
+    in_time_order,
+    is_in_time_order,
+)
 from polygon_backfill.errors import StorageError
 from polygon_backfill.models import (
     Bar,
@@ -269,7 +274,6 @@ _PG_EPOCH_MS: Final = 946_684_800_000
 _PG_EPOCH_DAY: Final = date(2000, 1, 1).toordinal()
 _UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
-_SAFE_MS: Final = 2**53
 _EVER: Final = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
 
 
@@ -408,8 +412,7 @@ def _column_rows(ticker_b: bytes, timeframe_b: bytes, bars: BarColumns) -> _Rows
     loop per bar."""
     if not len(bars):
         return b"", 0, _PG_EPOCH, _PG_EPOCH
-    # Times in microseconds wrap around int64 from 9.2e15 ms; the reader accepts less.
-    if np.abs(bars.t).max() >= _SAFE_MS:
+    if np.abs(bars.t).max() >= SAFE_INTEGER:  # the reader accepts no more either
         raise OverflowError(f"bar time {bars.t.max()} ms is out of range")
     optional = (("volume", ">f8"), ("vwap", ">f8"), ("trades", ">i8"))
     fields: list[tuple[str, str]] = [
