@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -52,6 +53,9 @@ from polygon_backfill.summary import (
     PreparePage,
     TickerResult,
 )
+
+if TYPE_CHECKING:
+    from polygon_backfill.storage import ReadyPage
 
 log = structlog.get_logger(__name__)
 
@@ -225,12 +229,16 @@ class PipelinedBackfill:
                         # holds bytes only, so memory stays flat however long the range.
                         ready = self._prepare(piece.ticker, piece.timeframe, page)
                         del page
+                        covered_until = ready.covered.end
                         await queue.put((piece, ready))
+                        # The queue holds it now: a reference kept here would outlive the
+                        # budget's share, through the next request and the next piece.
+                        del ready
                         if self._stop.is_set():
                             error = RuntimeError("stopped before completion")
                             break
-                        if piece.first and ready.covered.end < piece.span.end:
-                            self._split_rest(piece, ready.covered.end)
+                        if piece.first and covered_until < piece.span.end:
+                            self._split_rest(piece, covered_until)
                             break
             except AuthenticationError as exc:
                 self._fatal = exc
@@ -267,21 +275,24 @@ class PipelinedBackfill:
         while (item := await queue.get()) is not _END:
             if isinstance(item, _PieceDone):
                 await self._piece_done(item)
-                continue
-            piece, page = item  # type: ignore[misc]
-            state = self._pairs[(piece.ticker, piece.timeframe.name)]
-            started = self._clock.monotonic()
-            try:
-                written = await self._write(piece.ticker, piece.timeframe, page)
-            except Exception as exc:
-                state.errors.append(exc)
-                continue
-            finally:
-                self._results[piece.ticker].db_seconds += self._clock.monotonic() - started
-            state.outcome.pages += 1
-            state.outcome.inserted += written.inserted
-            state.outcome.updated += written.updated
-            state.outcome.rejected += page.rejected
+            else:
+                await self._write_page(*item)  # type: ignore[misc]
+            del item  # not kept while waiting for the next one
+
+    async def _write_page(self, piece: _Piece, page: ReadyPage) -> None:
+        state = self._pairs[(piece.ticker, piece.timeframe.name)]
+        started = self._clock.monotonic()
+        try:
+            written = await self._write(piece.ticker, piece.timeframe, page)
+        except Exception as exc:
+            state.errors.append(exc)
+            return
+        finally:
+            self._results[piece.ticker].db_seconds += self._clock.monotonic() - started
+        state.outcome.pages += 1
+        state.outcome.inserted += written.inserted
+        state.outcome.updated += written.updated
+        state.outcome.rejected += page.rejected
 
     async def _piece_done(self, done: _PieceDone) -> None:
         state = self._pairs[done.key]
