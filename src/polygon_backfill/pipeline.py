@@ -31,7 +31,7 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -75,7 +75,21 @@ class _Piece:
 class _PairState:
     outcome: PairOutcome
     pieces_left: int
-    errors: list[Exception] = field(default_factory=list)
+    error: Exception | None = None  # the first cause, reported once the pair is done
+
+    def fail(self, error: Exception) -> None:
+        """Keep the first cause, for its type and message, without its tracebacks: their
+        frames hold the page being written or the body being read, which would otherwise
+        stay alive until the pass ends, one per failing pair."""
+        if self.error is not None:
+            return
+        seen: set[int] = set()
+        link: BaseException | None = error
+        while link is not None and id(link) not in seen:
+            seen.add(id(link))
+            link.__traceback__ = None
+            link = link.__cause__ or link.__context__
+        self.error = error
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,11 +191,18 @@ class PipelinedBackfill:
         fetchers = [asyncio.ensure_future(self._fetcher())
                     for _ in range(min(self._max_in_flight, max(1, len(pieces))))]
         try:
-            await asyncio.gather(*fetchers)
-        finally:
-            for queue in self._queues:
-                await queue.put(_END)
-            await asyncio.gather(*writers)
+            await asyncio.gather(*fetchers)  # a fetcher reports its errors; only cancels end it
+        except BaseException:
+            # Cancelled (the daemon's shutdown timeout): a writer may be stuck on the
+            # database, and a full queue would never take _END. Uncommitted pages are simply
+            # fetched again next pass.
+            for task in (*fetchers, *writers):
+                task.cancel()
+            await asyncio.gather(*fetchers, *writers, return_exceptions=True)
+            raise
+        for queue in self._queues:
+            await queue.put(_END)
+        await asyncio.gather(*writers)
         for key, state in self._pairs.items():  # pieces never started (a stop)
             if state.pieces_left:
                 state.outcome.ok = False
@@ -285,7 +306,7 @@ class PipelinedBackfill:
         try:
             written = await self._write(piece.ticker, piece.timeframe, page)
         except Exception as exc:
-            state.errors.append(exc)
+            state.fail(exc)
             return
         finally:
             self._results[piece.ticker].db_seconds += self._clock.monotonic() - started
@@ -297,14 +318,13 @@ class PipelinedBackfill:
     async def _piece_done(self, done: _PieceDone) -> None:
         state = self._pairs[done.key]
         if done.error is not None:
-            state.errors.append(done.error)
+            state.fail(done.error)
         state.pieces_left -= 1
         if state.pieces_left:
             return
         ticker, timeframe = done.key[0], Timeframe.parse(done.key[1])
-        for error in state.errors[:1]:  # one line per pair, the first cause
-            if not isinstance(error, AuthenticationError):
-                self._note_failure(ticker, timeframe, state.outcome, error)
-            else:
-                state.outcome.ok, state.outcome.error = False, str(error)
+        if isinstance(state.error, AuthenticationError):
+            state.outcome.ok, state.outcome.error = False, str(state.error)
+        elif state.error is not None:  # one line per pair, the first cause
+            self._note_failure(ticker, timeframe, state.outcome, state.error)
         await self._finish_pair(ticker, timeframe, state.outcome)
