@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+
+import pytest
+from structlog.testing import capture_logs
 
 from polygon_backfill.clients import Page
 from polygon_backfill.models import Timeframe, TimeRange
 from polygon_backfill.pipeline import PipelinedBackfill
 from polygon_backfill.planner import SymbolWork, estimated_page_bars
 from polygon_backfill.storage import WriteResult
-from polygon_backfill.summary import PairOutcome, PassHooks, TickerResult
+from polygon_backfill.summary import FinishPair, PairOutcome, PassHooks, TickerResult
 from tests.support import FakeClock
 
 
@@ -36,12 +39,17 @@ async def _one_page_each(ticker: str, timeframe: Timeframe, start: datetime,
     yield Page([], TimeRange(start, end), 0)
 
 
+async def _nothing_to_record(ticker: str, timeframe: Timeframe, outcome: PairOutcome) -> None:
+    return None
+
+
 def _run_tracked(spans: list[TimeRange], *, write: WriteFake, fetch: FetchFake = _one_page_each,
+                 finish_pair: FinishPair = _nothing_to_record, tickers: Sequence[str] = (BTC,),
                  max_in_flight: int = 4, max_bars_in_flight: int = 100_000,
                  page_limit: int = 50_000) -> tuple[asyncio.Future[dict[str, TickerResult]],
                                                     weakref.WeakSet[_Prepared], list[str]]:
-    """Start a one-writer pass over BTC's daily ``spans``; return it, the pages alive and
-    the failures it reports."""
+    """Start a one-writer pass over the daily ``spans`` of each ticker; return it, the pages
+    alive and the failures it reports."""
     alive: weakref.WeakSet[_Prepared] = weakref.WeakSet()
     failures: list[str] = []
 
@@ -55,16 +63,14 @@ def _run_tracked(spans: list[TimeRange], *, write: WriteFake, fetch: FetchFake =
         outcome.ok, outcome.error = False, str(error)
         failures.append(str(error))
 
-    async def finish_pair(ticker: str, timeframe: Timeframe, outcome: PairOutcome) -> None:
-        return None
-
     backfill = PipelinedBackfill(
         fetch=fetch, prepare=prepare,  # type: ignore[arg-type]
         hooks=PassHooks(write=write, note_failure=note_failure,  # type: ignore[arg-type]
                         finish_pair=finish_pair, stop=asyncio.Event(), clock=FakeClock()),
         max_in_flight=max_in_flight, max_bars_in_flight=max_bars_in_flight, queued_pages=1,
         group_size=3, page_limit=page_limit, writers=1)
-    run = asyncio.ensure_future(backfill.run([SymbolWork(BTC, [(DAILY, s) for s in spans])]))
+    plan = [SymbolWork(ticker, [(DAILY, span) for span in spans]) for ticker in tickers]
+    run = asyncio.ensure_future(backfill.run(plan))
     return run, alive, failures
 
 
@@ -160,9 +166,11 @@ async def test_failed_writes_keep_their_first_cause_but_none_of_their_pages() ->
     assert (outcome.ok, outcome.pages, outcome.error) == (False, 1, "disk full writing 01-01")
 
 
-async def test_a_cancelled_pass_ends_at_once_though_its_writer_is_stuck() -> None:
+@pytest.mark.parametrize("ranges", [8, 1], ids=["fetchers-waiting", "fetchers-done"])
+async def test_a_cancelled_pass_ends_at_once_though_its_writer_is_stuck(ranges: int) -> None:
     """The daemon cancels a pass still running at its shutdown timeout, typically with a
-    write hung on the database: the pass must end, taking its tasks with it."""
+    write hung on the database: the pass must end, taking its tasks with it, whether its
+    fetchers still wait for the queue or are all done."""
     stuck, never = asyncio.Event(), asyncio.Event()
 
     async def write(ticker: str, timeframe: Timeframe, page: _Prepared) -> WriteResult:
@@ -171,10 +179,36 @@ async def test_a_cancelled_pass_ends_at_once_though_its_writer_is_stuck() -> Non
         return ONE_WRITTEN
 
     tasks_before = asyncio.all_tasks()
-    run, _, _ = _run_tracked(_ten_day_spans(8), write=write)
+    run, _, _ = _run_tracked(_ten_day_spans(ranges), write=write)
     async with asyncio.timeout(5):
         await stuck.wait()
+    for _ in range(20):  # let the pass settle where it waits: on the queue, or for the writer
+        await asyncio.sleep(0)
     run.cancel()
     await asyncio.wait([run], timeout=5)  # without the fix: still waiting on the writer
     assert run.cancelled()
     assert asyncio.all_tasks() == tasks_before  # no fetcher or writer left behind
+
+
+async def test_a_pair_whose_report_fails_is_logged_and_the_others_go_on() -> None:
+    """Recording one pair's result raising must not kill its writer: the fetchers of every
+    other pair would wait on its full queue for ever."""
+    written: list[str] = []
+
+    async def write(ticker: str, timeframe: Timeframe, page: _Prepared) -> WriteResult:
+        written.append(ticker)
+        return ONE_WRITTEN
+
+    async def finish_pair(ticker: str, timeframe: Timeframe, outcome: PairOutcome) -> None:
+        if ticker == BTC:
+            raise RuntimeError("progress display broke")
+
+    with capture_logs() as logs:
+        async with asyncio.timeout(5):
+            run, _, _ = _run_tracked(_ten_day_spans(4), write=write, finish_pair=finish_pair,
+                                     tickers=(BTC, "X:ETHUSD"), max_in_flight=1)
+            results = await run
+    assert written == [BTC] * 4 + ["X:ETHUSD"] * 4
+    assert results["X:ETHUSD"].pairs[0].pages == 4
+    errors = [entry["message"] for entry in logs if entry["event"] == "pipeline.writer_error"]
+    assert errors == ["Reporting a page or a pair failed: RuntimeError: progress display broke"]

@@ -84,11 +84,13 @@ class _PairState:
         if self.error is not None:
             return
         seen: set[int] = set()
-        link: BaseException | None = error
-        while link is not None and id(link) not in seen:
-            seen.add(id(link))
-            link.__traceback__ = None
-            link = link.__cause__ or link.__context__
+        links: list[BaseException | None] = [error]
+        while links:
+            link = links.pop()
+            if link is not None and id(link) not in seen:
+                seen.add(id(link))
+                link.__traceback__ = None
+                links += [link.__cause__, link.__context__]
         self.error = error
 
 
@@ -192,17 +194,16 @@ class PipelinedBackfill:
                     for _ in range(min(self._max_in_flight, max(1, len(pieces))))]
         try:
             await asyncio.gather(*fetchers)  # a fetcher reports its errors; only cancels end it
+            for queue in self._queues:
+                await queue.put(_END)
+            await asyncio.gather(*writers)
         except BaseException:
             # Cancelled (the daemon's shutdown timeout): a writer may be stuck on the
-            # database, and a full queue would never take _END. Uncommitted pages are simply
-            # fetched again next pass.
+            # database, its queue full. Uncommitted pages are fetched again next pass.
             for task in (*fetchers, *writers):
                 task.cancel()
             await asyncio.gather(*fetchers, *writers, return_exceptions=True)
             raise
-        for queue in self._queues:
-            await queue.put(_END)
-        await asyncio.gather(*writers)
         for key, state in self._pairs.items():  # pieces never started (a stop)
             if state.pieces_left:
                 state.outcome.ok = False
@@ -235,13 +236,13 @@ class PipelinedBackfill:
                 piece = self._todo.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            self._announce(piece.group)
             queue = self._queues[self._next_queue % len(self._queues)]
             self._next_queue += 1
             error: Exception | None = None
-            weight = estimated_page_bars(piece.ticker, piece.timeframe, piece.span,
-                                         self._page_limit)
             try:
+                self._announce(piece.group)
+                weight = estimated_page_bars(piece.ticker, piece.timeframe, piece.span,
+                                             self._page_limit)
                 pages = self._fetch(piece.ticker, piece.timeframe, piece.span.start,
                                     piece.span.end)
                 async with self._budget.hold(weight), aclosing(pages):
@@ -294,10 +295,14 @@ class PipelinedBackfill:
     async def _drain(self, queue: asyncio.Queue[object]) -> None:
         """One writer: its pages in arrival order, then each pair's result once done."""
         while (item := await queue.get()) is not _END:
-            if isinstance(item, _PieceDone):
-                await self._piece_done(item)
-            else:
-                await self._write_page(*item)  # type: ignore[misc]
+            try:
+                if isinstance(item, _PieceDone):
+                    await self._piece_done(item)
+                else:
+                    await self._write_page(*item)  # type: ignore[misc]
+            except Exception as exc:  # a writer that died would leave its fetchers waiting
+                log.error("pipeline.writer_error", message=f"Reporting a page or a pair "
+                          f"failed: {type(exc).__name__}: {exc}", exc_info=exc)
             del item  # not kept while waiting for the next one
 
     async def _write_page(self, piece: _Piece, page: ReadyPage) -> None:
