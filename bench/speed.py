@@ -18,7 +18,8 @@ T_min = max(fewest requests the workload needs under the sandbox's paging rules 
 limit, bars / the bulk-upsert rate measured in this run with the daemon's two writers);
 each row prints total / T_min.
 Before the modes run, the whole workload is asked for once, untimed, so the sandbox's bar
-cache is equally warm for every mode.
+cache is equally warm for every mode. Every mode's window ends at the same moment, the
+run's start, so all of them fetch the same bars.
 
     .venv/bin/python -m bench.speed [--days 30] [--time-scale 1] [--modes phase2,phase3,best,peer]
 """
@@ -41,7 +42,7 @@ from typing import Any
 from bench.harness import fresh_database, postgres_server, sandbox_process
 from polygon_backfill.clients import PolygonClient
 from polygon_backfill.clients.rate_limiter import AdaptiveRateLimiter, RateLimit
-from polygon_backfill.clock import SystemClock
+from polygon_backfill.clock import ScaledClock
 from polygon_backfill.logging import configure_logging
 from polygon_backfill.models import Timeframe, datetime_to_ms
 from polygon_backfill.pipeline import WRITERS
@@ -70,10 +71,15 @@ class Workload:
     rate_requests: int
     rate_period_s: float
     time_scale: float
+    end: str  # ISO time the windows end at: one for every mode, however long the run
 
     @property
     def daemon_rate(self) -> str:
         return f"{self.rate_requests}/{self.rate_period_s / self.time_scale:g}"
+
+    @property
+    def end_at(self) -> datetime:
+        return datetime.fromisoformat(self.end)
 
 
 def fewest_requests(work: Workload, end: datetime) -> tuple[int, int]:
@@ -121,14 +127,15 @@ async def run_mode(mode: str, base_url: str, admin_url: str, work: Workload) -> 
 
                 figures = await run_peer(base_url, store,
                                          pair_work(work.tickers, work.timeframes, work.days,
-                                                   datetime.now(UTC)),
+                                                   work.end_at),
                                          page_limit=PAGE_LIMIT)
                 row = {"requests": figures["requests"], "http_429": figures.get("http_429", 0),
                        "api_s": figures["api_seconds"], "db_s": figures["db_seconds"],
                        "total_s": figures["total_seconds"], "bars": figures["bars_written"]}
             else:
                 scheduler = AutoBackfillScheduler(
-                    polygon_api_key="bench-key", store=store, clock=SystemClock(),
+                    polygon_api_key="bench-key", store=store,
+                    clock=ScaledClock(1.0, start=work.end_at),  # real time, from the run's end
                     polygon_base_url=base_url, **_mode_settings(mode, work))
                 # Once per process, like an import: a daemon's later passes never pay it.
                 load_calendar()
@@ -176,7 +183,7 @@ async def _warm(base_url: str, work: Workload, period_s: float) -> None:
     limiter = AdaptiveRateLimiter(RateLimit(work.rate_requests, period_s))
     async with PolygonClient("bench-key", base_url, page_limit=PAGE_LIMIT,
                              rate_limiter=limiter) as client:
-        end = datetime.now(UTC)
+        end = work.end_at
         for ticker in work.tickers:
             for name in work.timeframes:
                 timeframe = Timeframe.parse(name)
@@ -189,8 +196,7 @@ async def run(work: Workload, modes: list[str], latency_ms: float) -> dict[str, 
     """Every mode against one sandbox process and one PostgreSQL; T_min and the ratios."""
     from bench.upsert import measure
 
-    end = datetime.now(UTC)
-    requests_min, bars = fewest_requests(work, end)
+    requests_min, bars = fewest_requests(work, work.end_at)
     period = work.rate_period_s / work.time_scale
     async with postgres_server() as admin:
         upsert = await measure(admin, 50_000, 4)
@@ -213,7 +219,7 @@ async def run(work: Workload, modes: list[str], latency_ms: float) -> dict[str, 
             row["total_over_t_min"] = round(row["total_s"] / t_min, 3)
             for key in ("api_s", "db_s", "total_s", "peak_rss_mb"):
                 row[key] = round(row[key], 2)
-    return {"workload": work.__dict__, "latency_ms": latency_ms, "when": end.isoformat(),
+    return {"workload": work.__dict__, "latency_ms": latency_ms, "when": work.end,
             "fewest_requests": requests_min, "bars": bars, "upsert_bars_per_s": round(rate),
             "t_min_api_s": round(t_api, 2), "t_min_db_s": round(t_db, 2),
             "t_min_s": round(t_min, 2), "rows": rows}
@@ -253,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     count, _, period = args.rate.partition("/")
     work = Workload(SEED_TICKERS[:args.tickers], SEED_TIMEFRAMES, args.days, int(count),
-                    float(period or 1), args.time_scale)
+                    float(period or 1), args.time_scale, datetime.now(UTC).isoformat())
     report = asyncio.run(run(work, args.modes.split(","), args.latency_ms))
     _print(report)
     RESULTS.mkdir(exist_ok=True)
