@@ -1,5 +1,5 @@
-"""The pipeline's guarantees with a fake fetch and write: what it keeps alive, and a
-cancelled pass that ends at once."""
+"""The pipeline's guarantees with a fake fetch and write: what it keeps alive, a
+cancelled pass that ends at once, and a writer that outlives a failing report."""
 
 from __future__ import annotations
 
